@@ -1,0 +1,27 @@
+"""ILLUME's prompt strings, exactly as in the paper's code.
+
+The answer step asks ``Q: {question} A:`` and decodes (near) greedily; the rationale step puts the
+answer into the prompt and lets the model continue after ``seeing that``. Only the continuation
+is a candidate rationale.
+"""
+
+from __future__ import annotations
+
+RATIONALE_MARKER = "seeing that"
+
+
+def answer_prompt(question: str) -> str:
+    """The prompt that asks the model for an answer."""
+    return f"Q: {question} A:"
+
+
+def rationale_prompt(question: str, answer: str) -> str:
+    """The prompt whose continuation is a rationale for ``answer``."""
+    return f"Q: {question} A: {answer}, {RATIONALE_MARKER}"
+
+
+def clean_answer(continuation: str) -> str:
+    """The model's answer: the continuation up to the first comma or period, stripped."""
+    for stop in (",", ".", "\n"):
+        continuation = continuation.split(stop, 1)[0]
+    return continuation.strip()
