@@ -4,6 +4,7 @@
 #   make lint      ruff and buf lint
 #   make test      the whole test suite (unit, integration, e2e)
 #   make serve     run the server on the embedded default (see README)
+#   make k8s       render the Kubernetes manifests (k8s/rendered/)
 #   make bench     benchmarks (figures printed side by side)
 
 PYTHON ?= python3.11
@@ -21,7 +22,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/illume/v1/*.proto)
 PROTO_OUT := illume/v1/illume_pb2.py
 
-.PHONY: install proto lint test test-unit test-integration test-e2e serve bench clean
+.PHONY: install proto lint test test-unit test-integration test-e2e serve bench clean k8s k8s-check
 
 install: $(STAMP) $(PROTO_OUT)
 
@@ -60,6 +61,17 @@ test-integration: install
 
 test-e2e: install
 	$(VENV)/bin/pytest -q tests/e2e $(PYTEST_ARGS)
+
+# Render serveConfigV2 (from services/config.py AppConfig) into k8s/overlays/*/serve-config.patch.yaml
+# and each overlay into k8s/rendered/{dev,gpu}.yaml (both committed; a test checks they are current).
+k8s: install
+	$(PY) k8s/render.py
+
+k8s-check: install
+	$(PY) k8s/render.py --check
+
+serve: install
+	$(VENV)/bin/illume serve --data-dir .data
 
 clean:
 	rm -rf illume/v1 .pytest_cache .ruff_cache build dist *.egg-info

@@ -93,14 +93,176 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-# Later verbs register here: (adder, ...) so each stays next to its own code.
-_VERB_ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_generate]
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the whole server locally (Ray + Serve) until Ctrl-C."""
+    _offline()
+    from services.local import run_forever
+
+    return run_forever(
+        Path(args.data_dir),
+        Path(args.model) if args.model else None,
+        Path(args.config) if args.config else None,
+        args.grpc_port,
+        args.num_cpus,
+    )
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the server on this machine (local Ray cluster)")
+    p.add_argument(
+        "--data-dir", default=".data", help="feedback log, adapters and local keys (default .data)"
+    )
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded default model)")
+    p.add_argument("--config", default=None, help="an AppConfig YAML file (the Serve application's args)")
+    p.add_argument("--grpc-port", type=int, default=50051)
+    p.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the local Ray cluster")
+    p.set_defaults(func=cmd_serve)
+
+
+def _client(args: argparse.Namespace):
+    from illume.client import IllumeClient
+
+    key_file = args.api_key_file
+    if key_file is None and not args.api_key:
+        default = Path(args.data_dir) / "keys" / f"{args.role}.key"
+        key_file = default if default.exists() else None
+    return IllumeClient(args.target, api_key=args.api_key, api_key_file=key_file)
+
+
+def _print_message(message) -> None:
+    from google.protobuf import json_format
+
+    print(json_format.MessageToJson(message, preserving_proto_field_name=True, indent=1))
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    """Call the running server over gRPC."""
+    import grpc
+
+    try:
+        with _client(args) as client:
+            return _CLIENT_VERBS[args.client_verb](client, args)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+
+
+def _client_generate(client, args: argparse.Namespace) -> int:
+    reply = client.generate(
+        Path(args.image).read_bytes(),
+        args.question,
+        args.answer,
+        n=args.n,
+        seed=args.seed,
+        adapter=args.adapter,
+        namespace=args.namespace,
+        timeout=args.timeout,
+    )
+    if args.json:
+        _print_message(reply)
+        return 0
+    origin = "model" if reply.answer_generated else "given"
+    print(
+        f"generation {reply.generation_id}  answer ({origin}): {reply.answer}"
+        f"  adapter: {reply.adapter_version}"
+        f"  seed: {reply.seed}"
+    )
+    for c in reply.candidates:
+        print(f"[{c.candidate_id}] T={c.temperature:.2g} {c.text}")
+    return 0
+
+
+def _client_feedback(client, args: argparse.Namespace) -> int:
+    reply = client.submit_feedback(
+        args.generation,
+        fitting=args.fit or (),
+        none_fit=args.none_fit,
+        skipped=args.skipped,
+        answer_correct=args.answer_correct,
+        corrected_rationale=args.corrected or "",
+        idempotency_key=args.idempotency_key,
+        namespace=args.namespace,
+        timeout=args.timeout,
+    )
+    _print_message(reply)
+    return 0
+
+
+def _client_stats(client, args: argparse.Namespace) -> int:
+    _print_message(client.stats(args.namespace, timeout=args.timeout))
+    return 0
+
+
+def _client_status(client, args: argparse.Namespace) -> int:
+    _print_message(client.server_status(timeout=args.timeout))
+    return 0
+
+
+def _client_start_round(client, args: argparse.Namespace) -> int:
+    _print_message(client.start_round(args.namespace, force=args.force, timeout=args.timeout))
+    return 0
+
+
+_CLIENT_VERBS = {
+    "generate": _client_generate,
+    "feedback": _client_feedback,
+    "stats": _client_stats,
+    "status": _client_status,
+    "start-round": _client_start_round,
+}
+_CLIENT_ROLES = {
+    "generate": "client",
+    "feedback": "annotator",
+    "stats": "annotator",
+    "status": "client",
+    "start-round": "admin",
+}
+
+
+def _add_client(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("client", help="call a running server over gRPC")
+    verbs = p.add_subparsers(dest="client_verb", required=True)
+    for name in _CLIENT_VERBS:
+        v = verbs.add_parser(name)
+        v.add_argument("--target", default="127.0.0.1:50051", help="host:port of the gRPC endpoint")
+        v.add_argument("--api-key", default=None, help="API key (or ILLUME_API_KEY, or --api-key-file)")
+        v.add_argument("--api-key-file", default=None)
+        v.add_argument("--data-dir", default=".data", help="where 'illume serve' keeps local keys")
+        v.add_argument("--namespace", default="")
+        v.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+        v.set_defaults(func=cmd_client, role=_CLIENT_ROLES[name])
+        if name == "generate":
+            v.add_argument("--image", required=True)
+            v.add_argument("--question", required=True)
+            v.add_argument("--answer", default=None)
+            v.add_argument("--n", type=int, default=0)
+            v.add_argument("--seed", type=int, default=None)
+            v.add_argument("--adapter", default="")
+            v.add_argument("--json", action="store_true")
+        elif name == "feedback":
+            v.add_argument("--generation", required=True, help="generation id")
+            v.add_argument("--fit", action="append", help="id of a fitting candidate (repeatable)")
+            v.add_argument("--none-fit", action="store_true")
+            v.add_argument("--skipped", action="store_true")
+            v.add_argument("--answer-correct", type=lambda s: s.lower() in ("1", "yes", "true"), default=None)
+            v.add_argument("--corrected", default=None, help="a corrected rationale")
+            v.add_argument("--idempotency-key", default=None)
+        elif name == "start-round":
+            v.add_argument("--force", action="store_true")
+
+
+# Verbs register in _verb_adders so each stays next to its own code.
+def _verb_adders() -> list[Callable[[argparse._SubParsersAction], None]]:
+    from illume.evaluation_cli import add_eval_parser
+    from illume.loop_cli import add_loop_parser
+
+    return [_add_generate, _add_serve, _add_client, add_eval_parser, add_loop_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="illume", description="ILLUME model server and tools")
     sub = parser.add_subparsers(dest="verb", required=True)
-    for add in _VERB_ADDERS:
+    for add in _verb_adders():
         add(sub)
     return parser
 

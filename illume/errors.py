@@ -57,3 +57,29 @@ class FailedPrecondition(IllumeError):
     """The system is not in a state that allows the call (maps to FAILED_PRECONDITION)."""
 
     code = "FAILED_PRECONDITION"
+
+
+class DeadlineExceeded(IllumeError):
+    """The caller's deadline passed before the work started (maps to DEADLINE_EXCEEDED)."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
+class Unimplemented(IllumeError):
+    """The call exists in the contract but this server does not provide it (maps to UNIMPLEMENTED)."""
+
+    code = "UNIMPLEMENTED"
+
+
+class Unavailable(IllumeError):
+    """A dependency is not ready yet; retry later (maps to UNAVAILABLE)."""
+
+    code = "UNAVAILABLE"
+
+
+def error_for_code(code: str, reason: str) -> IllumeError:
+    """The error class of a status code name (INTERNAL for unknown names)."""
+    for cls in IllumeError.__subclasses__():
+        if cls.code == code:
+            return cls(reason)
+    return IllumeError(reason)

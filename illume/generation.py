@@ -45,6 +45,7 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 100
     seed: int = 0
+    min_new_tokens: int = 0
 
     def temperature_plan(self) -> list[float]:
         """The temperature of each candidate index: ``n`` split evenly, earlier temperatures first."""
@@ -102,6 +103,7 @@ class _Row:
     max_new_tokens: int
     seed: int
     adapter: str | None
+    min_new_tokens: int = 0
 
 
 def candidate_seed(seed: int, index: int) -> int:
@@ -145,6 +147,9 @@ class RowSampler:
         if len(self.banned):
             # Special tokens (image, padding, BOS) are never part of a rationale.
             logits[:, self.banned] = float("-inf")
+        too_short = [i for i, row in enumerate(self.rows) if step < row.min_new_tokens]
+        if too_short:
+            logits[too_short, self.eos] = float("-inf")
         chosen = torch.empty(len(self.rows), dtype=torch.long)
         logprobs = torch.zeros(len(self.rows))
         greedy = [i for i, r in enumerate(self.rows) if r.temperature <= 0 or r.top_k == 1]
@@ -279,6 +284,7 @@ class Generator:
                         s.max_new_tokens,
                         candidate_seed(s.seed, index),
                         request.adapter,
+                        min(s.min_new_tokens, s.max_new_tokens),
                     )
                 )
         return rows

@@ -66,13 +66,13 @@ def caption_scores(
         try:
             scores["METEOR"] = 100 * scorer.compute_score(gts, res)[0]
         finally:
-            _stop_meteor(scorer)
+            stop_meteor(scorer)
     scores["ROUGE-L"] = float(100 * Rouge().compute_score(gts, res)[0])
     scores["CIDEr"] = float(100 * Cider().compute_score(gts, res)[0])
     return scores
 
 
-def _stop_meteor(scorer: object) -> None:
+def stop_meteor(scorer: object) -> None:
     """End METEOR's Java process now rather than at garbage collection."""
     process = getattr(scorer, "meteor_p", None)
     if process is not None and process.poll() is None:

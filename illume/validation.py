@@ -62,12 +62,14 @@ def build_sampling(
     top_p: float = 0.0,
     max_new_tokens: int = 0,
     seed: int | None = None,
+    min_new_tokens: int = 0,
 ) -> SamplingParams:
     """Fill in defaults (0 or empty means default) and check the sampling parameters."""
     n = n or limits.default_candidates
     if not 1 <= n <= limits.max_candidates:
         raise InvalidRequest(f"n must be between 1 and {limits.max_candidates}")
-    temps = tuple(float(t) for t in temperatures) or limits.default_temperatures
+    # With default temperatures a small n samples at the first n of them; explicit ones must fit n.
+    temps = tuple(float(t) for t in temperatures) or limits.default_temperatures[:n]
     if len(temps) > limits.max_temperatures:
         raise InvalidRequest(f"at most {limits.max_temperatures} temperatures are accepted")
     for t in temps:
@@ -84,6 +86,8 @@ def build_sampling(
     max_new_tokens = max_new_tokens or limits.default_max_new_tokens
     if not 1 <= max_new_tokens <= limits.max_new_tokens:
         raise InvalidRequest(f"max_new_tokens must be between 1 and {limits.max_new_tokens}")
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise InvalidRequest("min_new_tokens must be between 0 and max_new_tokens")
     if seed is None:
         seed = secrets.randbelow(MAX_SEED)
     if not 0 <= seed <= MAX_SEED:
@@ -95,6 +99,7 @@ def build_sampling(
         top_p=top_p,
         max_new_tokens=max_new_tokens,
         seed=seed,
+        min_new_tokens=min_new_tokens,
     )
 
 

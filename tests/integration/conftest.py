@@ -11,6 +11,7 @@ import socket
 import pytest
 
 RAY_LOGICAL_CPUS = 8
+METRICS_REPORT_INTERVAL_MS = 1000
 
 
 def free_port() -> int:
@@ -21,13 +22,21 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def metrics_port() -> int:
+    """Ray's metrics export port of the test cluster (Prometheus exposition format)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(metrics_port):
     import ray
 
     if not ray.is_initialized():
         ray.init(
             num_cpus=RAY_LOGICAL_CPUS,
             include_dashboard=False,
+            _metrics_export_port=metrics_port,
+            _system_config={"metrics_report_interval_ms": METRICS_REPORT_INTERVAL_MS},
             log_to_driver=False,
             configure_logging=False,
             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}},

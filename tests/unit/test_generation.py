@@ -188,3 +188,23 @@ def test_mixed_adapter_batch_equals_each_adapter_alone(tiny_dir, adapter_dirs, i
     assert len({tuple(_texts(r)) for r in mixed}) == 3
     with pytest.raises(KeyError):
         generator.generate([replace(base, adapter="rationale-v9")])
+
+
+def test_min_new_tokens_holds_eos_back(generator, images):
+    """EOS forced from the first step is held back until min_new_tokens tokens exist."""
+    eos = generator.loaded.tokenizer.eos_token_id
+    head = generator.model.get_output_embeddings()
+
+    def always_eos(_module, _inputs, output):
+        output = output.clone()
+        output[..., eos] = 1e4
+        return output
+
+    handle = head.register_forward_hook(always_eos)
+    try:
+        result = generator.generate([_request(images[0], n=2, max_new_tokens=8, min_new_tokens=5)])[0]
+        plain = generator.generate([_request(images[0], n=2, max_new_tokens=8)])[0]
+    finally:
+        handle.remove()
+    assert all(c.token_count == 5 and c.finish_reason == "eos" for c in result.candidates)
+    assert plain.candidates == []  # every candidate was empty, so nothing is returned

@@ -19,6 +19,10 @@ def _png() -> bytes:
     return buffer.getvalue()
 
 
+def test_a_small_n_uses_the_first_default_temperatures():
+    assert build_sampling(LIMITS, n=1).temperatures == (0.3,)
+
+
 def test_defaults_are_the_papers():
     s = build_sampling(LIMITS)
     assert (s.n, s.temperatures, s.top_k_fraction, s.top_p, s.max_new_tokens) == (

@@ -1,0 +1,327 @@
+"""A typed Python client of the illume gRPC API.
+
+This module is the wire client, not part of the core: it is the one module of the package that
+imports the generated stubs (``illume.v1``, made by ``make proto``), lazily, and no core module
+imports it. Every call takes a deadline (``timeout`` seconds), which is also sent as
+``illume-timeout-ms`` metadata so the server drops work whose caller has given up; calls that fail
+with UNAVAILABLE are retried with exponential backoff within the deadline. Replies are the
+protobuf messages of ``protos/illume/v1/illume.proto``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+DEFAULT_TIMEOUT_S = 60.0
+API_KEY_ENV = "ILLUME_API_KEY"
+
+
+def read_api_key(api_key: str | None = None, api_key_file: str | Path | None = None) -> str | None:
+    """The key given, else the file's content, else the ``ILLUME_API_KEY`` environment variable."""
+    if api_key:
+        return api_key
+    if api_key_file:
+        return Path(api_key_file).read_text().strip()
+    return os.environ.get(API_KEY_ENV) or None
+
+
+class IllumeClient:
+    """Client of RationaleService, FeedbackService and AdminService on one channel."""
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        api_key: str | None = None,
+        api_key_file: str | Path | None = None,
+        retries: int = 3,
+        backoff_s: float = 0.2,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_message_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        from illume.v1 import illume_pb2, illume_pb2_grpc
+
+        self.pb = illume_pb2
+        options = [("grpc.max_send_message_length", max_message_bytes)]
+        self.channel = (
+            grpc.secure_channel(target, credentials, options)
+            if credentials
+            else grpc.insecure_channel(target, options)
+        )
+        self.rationale = illume_pb2_grpc.RationaleServiceStub(self.channel)
+        self.feedback = illume_pb2_grpc.FeedbackServiceStub(self.channel)
+        self.admin = illume_pb2_grpc.AdminServiceStub(self.channel)
+        self.api_key = read_api_key(api_key, api_key_file)
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+    def __enter__(self) -> IllumeClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _metadata(self, timeout: float) -> list[tuple[str, str]]:
+        metadata = [("illume-timeout-ms", str(int(timeout * 1000)))]
+        if self.api_key:
+            metadata.append(("authorization", f"Bearer {self.api_key}"))
+        return metadata
+
+    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
+        deadline = time.monotonic() + (timeout or DEFAULT_TIMEOUT_S)
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return method(request, timeout=max(remaining, 0.001), metadata=self._metadata(remaining))
+            except grpc.RpcError as exc:
+                pause = self.backoff_s * (2**attempt)
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries or remaining <= pause:
+                    raise
+                attempt += 1
+                time.sleep(pause)
+
+    def _stream(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Iterator[Any]:
+        timeout = timeout or DEFAULT_TIMEOUT_S
+        return method(request, timeout=timeout, metadata=self._metadata(timeout))
+
+    # -- RationaleService ----------------------------------------------------------------------
+
+    def _generate_request(
+        self,
+        image: bytes,
+        question: str,
+        answer: str | None,
+        n: int,
+        temperatures: Sequence[float],
+        top_k_fraction: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int | None,
+        adapter: str,
+        namespace: str,
+        client_request_id: str,
+        ephemeral: bool,
+        min_new_tokens: int = 0,
+    ) -> Any:
+        sampling = self.pb.SamplingParams(
+            min_new_tokens=min_new_tokens,
+            n=n,
+            temperatures=list(temperatures),
+            top_k_fraction=top_k_fraction,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+        )
+        if seed is not None:
+            sampling.seed = seed
+        request = self.pb.GenerateRequest(
+            image=image,
+            question=question,
+            sampling=sampling,
+            adapter=adapter,
+            namespace=namespace,
+            client_request_id=client_request_id,
+            ephemeral=ephemeral,
+        )
+        if answer is not None:
+            request.answer = answer
+        return request
+
+    def generate(
+        self,
+        image: bytes,
+        question: str,
+        answer: str | None = None,
+        *,
+        n: int = 0,
+        temperatures: Sequence[float] = (),
+        top_k_fraction: float = 0.0,
+        top_p: float = 0.0,
+        max_new_tokens: int = 0,
+        seed: int | None = None,
+        adapter: str = "",
+        namespace: str = "",
+        client_request_id: str = "",
+        ephemeral: bool = False,
+        min_new_tokens: int = 0,
+        timeout: float | None = None,
+    ) -> Any:
+        """Candidate rationales (a ``GenerateResponse``); 0 or empty values take server defaults."""
+        request = self._generate_request(
+            image,
+            question,
+            answer,
+            n,
+            temperatures,
+            top_k_fraction,
+            top_p,
+            max_new_tokens,
+            seed,
+            adapter,
+            namespace,
+            client_request_id,
+            ephemeral,
+            min_new_tokens,
+        )
+        return self._call(self.rationale.Generate, request, timeout)
+
+    def generate_stream(
+        self,
+        image: bytes,
+        question: str,
+        answer: str | None = None,
+        *,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Iterator[Any]:
+        """``GenerateStreamResponse`` messages: a header, then one per candidate."""
+        defaults = dict(
+            n=0,
+            temperatures=(),
+            top_k_fraction=0.0,
+            top_p=0.0,
+            max_new_tokens=0,
+            seed=None,
+            adapter="",
+            namespace="",
+            client_request_id="",
+            ephemeral=False,
+        )
+        defaults.update(kwargs)
+        request = self._generate_request(image, question, answer, **defaults)
+        return self._stream(self.rationale.GenerateStream, request, timeout)
+
+    # -- FeedbackService -----------------------------------------------------------------------
+
+    def submit_feedback(
+        self,
+        generation_id: str,
+        *,
+        fitting: Sequence[str] = (),
+        none_fit: bool = False,
+        skipped: bool = False,
+        ratings: dict[str, int] | None = None,
+        answer_correct: bool | None = None,
+        corrected_rationale: str = "",
+        annotator_id: str = "",
+        idempotency_key: str | None = None,
+        namespace: str = "",
+        timeout: float | None = None,
+    ) -> Any:
+        """Judge a generation: ``fitting`` candidate ids, or ``none_fit``, or ``skipped``."""
+        pb = self.pb
+        if sum([bool(fitting), none_fit, skipped]) != 1:
+            raise ValueError("give exactly one of fitting ids, none_fit or skipped")
+        verdict = pb.VERDICT_SELECTED if fitting else pb.VERDICT_NONE_FIT if none_fit else pb.VERDICT_SKIPPED
+        request = pb.SubmitFeedbackRequest(
+            generation_id=generation_id,
+            verdict=verdict,
+            fitting_candidate_ids=list(fitting),
+            ratings=[pb.CandidateRating(candidate_id=k, rating=v) for k, v in (ratings or {}).items()],
+            corrected_rationale=corrected_rationale,
+            annotator_id=annotator_id,
+            idempotency_key=idempotency_key or uuid.uuid4().hex,
+            namespace=namespace,
+        )
+        if answer_correct is not None:
+            request.answer_correct = answer_correct
+        return self._call(self.feedback.SubmitFeedback, request, timeout)
+
+    def get_generation(self, generation_id: str, namespace: str = "", timeout: float | None = None) -> Any:
+        request = self.pb.GetGenerationRequest(generation_id=generation_id, namespace=namespace)
+        return self._call(self.feedback.GetGeneration, request, timeout)
+
+    def stats(self, namespace: str = "", timeout: float | None = None) -> Any:
+        return self._call(
+            self.feedback.GetFeedbackStats, self.pb.GetFeedbackStatsRequest(namespace=namespace), timeout
+        )
+
+    def export(
+        self,
+        format: str = "sft",
+        namespace: str = "",
+        *,
+        page_size: int = 0,
+        cursor: str = "",
+        include_held_out: bool = False,
+        max_pages: int = 0,
+        timeout: float | None = None,
+    ) -> Iterator[Any]:
+        """``ExportFeedbackResponse`` rows (format: sft, dpo or kto)."""
+        formats = {
+            "sft": self.pb.EXPORT_FORMAT_SFT,
+            "dpo": self.pb.EXPORT_FORMAT_DPO,
+            "kto": self.pb.EXPORT_FORMAT_KTO,
+        }
+        request = self.pb.ExportFeedbackRequest(
+            namespace=namespace,
+            format=formats[format],
+            cursor=cursor,
+            page_size=page_size,
+            include_held_out=include_held_out,
+            max_pages=max_pages,
+        )
+        return self._stream(self.feedback.ExportFeedback, request, timeout)
+
+    # -- AdminService --------------------------------------------------------------------------
+
+    def server_status(self, timeout: float | None = None) -> Any:
+        return self._call(self.admin.GetServerStatus, self.pb.GetServerStatusRequest(), timeout)
+
+    def list_adapters(
+        self, namespace: str = "", page_size: int = 0, page_token: str = "", timeout: float | None = None
+    ) -> Any:
+        request = self.pb.ListAdaptersRequest(namespace=namespace, page_size=page_size, page_token=page_token)
+        return self._call(self.admin.ListAdapters, request, timeout)
+
+    def get_adapter(self, adapter: str, namespace: str = "", timeout: float | None = None) -> Any:
+        return self._call(
+            self.admin.GetAdapter, self.pb.GetAdapterRequest(namespace=namespace, adapter=adapter), timeout
+        )
+
+    def promote(
+        self,
+        adapter: str,
+        alias: str = "production",
+        namespace: str = "",
+        canary_share: float = 0.0,
+        timeout: float | None = None,
+    ) -> Any:
+        request = self.pb.PromoteAdapterRequest(
+            namespace=namespace, adapter=adapter, alias=alias, canary_share=canary_share
+        )
+        return self._call(self.admin.PromoteAdapter, request, timeout)
+
+    def rollback(self, namespace: str = "", timeout: float | None = None) -> Any:
+        return self._call(
+            self.admin.RollbackAdapter, self.pb.RollbackAdapterRequest(namespace=namespace), timeout
+        )
+
+    def start_round(self, namespace: str = "", force: bool = False, timeout: float | None = None) -> Any:
+        request = self.pb.StartTuningRoundRequest(namespace=namespace, force=force)
+        return self._call(self.admin.StartTuningRound, request, timeout)
+
+    def get_round(self, round_id: str, timeout: float | None = None) -> Any:
+        return self._call(
+            self.admin.GetTuningRound, self.pb.GetTuningRoundRequest(round_id=round_id), timeout
+        )
+
+    def list_rounds(
+        self, namespace: str = "", page_size: int = 0, page_token: str = "", timeout: float | None = None
+    ) -> Any:
+        request = self.pb.ListTuningRoundsRequest(
+            namespace=namespace, page_size=page_size, page_token=page_token
+        )
+        return self._call(self.admin.ListTuningRounds, request, timeout)

@@ -1,0 +1,422 @@
+"""Tables, engine set-up and versioned migrations of the store (SQLite or PostgreSQL).
+
+Writers, one per table group (nobody else writes these tables):
+
+- ``generations``, ``candidates``, ``images``, ``feedback``, ``feedback_items``, ``corrections``:
+  the FeedbackLog deployment, through ``FeedbackStore`` (its group-commit writer thread).
+- ``adapters``, ``adapter_counters``, ``aliases``, ``alias_history``: the adapter registry
+  (``AdapterRegistry``), called by the Admin servicer and the loop controller.
+- ``rounds``, ``leases``: the loop controller, through ``AdapterRegistry``.
+- ``schema_version``: whoever opens the store first after an upgrade (``migrate``).
+
+Durability is set on every connection, never per call: SQLite runs in WAL mode with
+``synchronous=FULL`` (a commit returns only after the WAL is fsynced) and a busy timeout;
+PostgreSQL connections run with ``synchronous_commit=on``. Transactions that write on SQLite start
+with ``BEGIN IMMEDIATE`` so two writers queue on the lock instead of failing on a lock upgrade.
+
+Migrations are an ordered list of steps; ``migrate`` applies the missing ones inside one
+transaction that holds the database's write lock (SQLite ``BEGIN IMMEDIATE``) or a transaction-level
+advisory lock (PostgreSQL), so two processes opening the store at once never both migrate. A step,
+once released, is never edited: a schema change is a new step appended to ``MIGRATIONS`` (and the
+table definitions below updated to match).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    insert,
+    select,
+    text,
+)
+from sqlalchemy.engine import make_url
+
+from illume.store.settings import StoreSettings
+from illume.store.types import rfc3339, utcnow
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
+SeqType = BigInteger().with_variant(Integer(), "sqlite")
+# Timestamps are stored as RFC 3339 UTC text: identical on both backends and sortable as text.
+Timestamp = String(32)
+
+metadata = MetaData()
+
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("name", String(128), nullable=False),
+    Column("applied_at", Timestamp, nullable=False),
+)
+
+# --- feedback log (migration 1) ---------------------------------------------------------------
+
+images = Table(
+    "images",
+    metadata,
+    Column("sha256", String(64), primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+)
+
+generations = Table(
+    "generations",
+    metadata,
+    # seq orders generations for keyset pagination (ids are random in their low bits).
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("generation_id", String(64), nullable=False, unique=True),
+    Column("namespace", String(128), nullable=False),
+    Column("image_sha256", String(64), nullable=False),
+    Column("question", Text, nullable=False),
+    Column("answer", Text, nullable=False),
+    Column("answer_generated", Boolean, nullable=False),
+    Column("sampling_json", Text, nullable=False),
+    # uint64 on the wire does not fit a signed BIGINT, so the seed is kept as decimal text.
+    Column("seed", String(20), nullable=False),
+    Column("adapter_requested", String(128), nullable=False),
+    Column("adapter_version", String(128), nullable=False),
+    Column("model_id", String(256), nullable=False),
+    Column("held_out", Boolean, nullable=False),
+    Column("client_request_id", String(128), nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Index("ix_generations_ns_seq", "namespace", "seq"),
+    Index("ix_generations_image", "image_sha256"),
+)
+
+candidates = Table(
+    "candidates",
+    metadata,
+    Column("candidate_id", String(80), primary_key=True),
+    Column(
+        "generation_id",
+        String(64),
+        ForeignKey("generations.generation_id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("idx", Integer, nullable=False),
+    Column("text", Text, nullable=False),
+    Column("temperature", Float, nullable=False),
+    Column("token_count", Integer, nullable=False),
+    Column("finish_reason", String(8), nullable=False),
+    Column("mean_logprob", Float, nullable=False),
+    Index("ix_candidates_generation", "generation_id", "idx"),
+)
+
+feedback = Table(
+    "feedback",
+    metadata,
+    # seq is the export cursor's order: new judgements always land after existing ones.
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("feedback_id", String(64), nullable=False, unique=True),
+    Column(
+        "generation_id",
+        String(64),
+        ForeignKey("generations.generation_id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("namespace", String(128), nullable=False),
+    Column("annotator_id", String(128), nullable=False),
+    Column("idempotency_key", String(128), nullable=False),
+    Column("body_sha256", String(64), nullable=False),
+    Column("verdict", String(16), nullable=False),
+    Column("answer_correct", Boolean, nullable=True),
+    Column("revision", Integer, nullable=False),
+    # Only the latest revision of an annotator's judgement counts; flipped in the same
+    # transaction that inserts the next revision.
+    Column("is_current", Boolean, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    UniqueConstraint("namespace", "idempotency_key", name="uq_feedback_key"),
+    UniqueConstraint("generation_id", "annotator_id", "revision", name="uq_feedback_revision"),
+    Index("ix_feedback_current", "namespace", "is_current", "seq"),
+    Index("ix_feedback_generation", "generation_id"),
+    Index("ix_feedback_annotator", "annotator_id"),
+)
+
+feedback_items = Table(
+    "feedback_items",
+    metadata,
+    Column(
+        "feedback_id",
+        String(64),
+        ForeignKey("feedback.feedback_id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("candidate_id", String(80), nullable=False),
+    Column("fitting", Boolean, nullable=False),
+    Column("rating", Integer, nullable=True),
+    PrimaryKeyConstraint("feedback_id", "candidate_id"),
+)
+
+# Corrected rationales are client-written text: kept apart so no query that builds training rows
+# reads them unless the operator asks for them.
+corrections = Table(
+    "corrections",
+    metadata,
+    Column(
+        "feedback_id",
+        String(64),
+        ForeignKey("feedback.feedback_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("text", Text, nullable=False),
+)
+
+FEEDBACK_TABLES = (images, generations, candidates, feedback, feedback_items, corrections)
+
+# --- registry, rounds, leases (migration 2) ----------------------------------------------------
+
+adapter_counters = Table(
+    "adapter_counters",
+    metadata,
+    Column("namespace", String(128), primary_key=True),
+    # Versions come from this row, bumped in the registering transaction: never reused.
+    Column("last_version", BigInteger, nullable=False),
+    # Bumped on every version or alias change; replicas poll it.
+    Column("epoch", BigInteger, nullable=False),
+)
+
+adapters = Table(
+    "adapters",
+    metadata,
+    Column("namespace", String(128), nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("artifact_uri", Text, nullable=False),
+    Column("manifest_json", Text, nullable=False),
+    Column("round_id", String(64), nullable=False),
+    Column("parent_version", BigInteger, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("reason", Text, nullable=False),
+    PrimaryKeyConstraint("namespace", "version"),
+)
+
+aliases = Table(
+    "aliases",
+    metadata,
+    Column("namespace", String(128), nullable=False),
+    Column("alias", String(64), nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("share", Float, nullable=True),
+    Column("updated_at", Timestamp, nullable=False),
+    PrimaryKeyConstraint("namespace", "alias"),
+)
+
+alias_history = Table(
+    "alias_history",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("namespace", String(128), nullable=False),
+    Column("alias", String(64), nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("previous_version", BigInteger, nullable=True),
+    Column("action", String(16), nullable=False),  # "set" or "rollback"
+    Column("changed_at", Timestamp, nullable=False),
+    Index("ix_alias_history_ns_alias", "namespace", "alias", "seq"),
+)
+
+rounds = Table(
+    "rounds",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("round_id", String(64), nullable=False, unique=True),
+    Column("namespace", String(128), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("snapshot_sha256", String(64), nullable=False),
+    Column("rationale_rows", BigInteger, nullable=False),
+    Column("answer_rows", BigInteger, nullable=False),
+    Column("adapter_version", BigInteger, nullable=False),
+    Column("scores_json", Text, nullable=False),
+    Column("job_id", String(256), nullable=False),
+    Column("started_at", Timestamp, nullable=False),
+    Column("finished_at", Timestamp, nullable=True),
+    Index("ix_rounds_ns_seq", "namespace", "seq"),
+)
+
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("holder", String(256), nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("token", BigInteger, nullable=False),
+)
+
+REGISTRY_TABLES = (adapter_counters, adapters, aliases, alias_history, rounds, leases)
+
+
+# --- migrations ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    apply: Callable[[Connection], None]
+
+
+def _create(tables: tuple[Table, ...]) -> Callable[[Connection], None]:
+    def step(conn: Connection) -> None:
+        metadata.create_all(conn, tables=list(tables), checkfirst=True)
+
+    return step
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "feedback log", _create(FEEDBACK_TABLES)),
+    Migration(2, "adapter registry, rounds, leases", _create(REGISTRY_TABLES)),
+)
+LATEST_VERSION = MIGRATIONS[-1].version
+
+
+def _lock_key(db_schema: str | None) -> int:
+    digest = hashlib.sha256(f"illume.store.migrate:{db_schema or ''}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def migrate(engine: Engine, db_schema: str | None = None) -> int:
+    """Apply the missing migration steps; returns the schema version now in place (idempotent).
+
+    ``db_schema`` (PostgreSQL) is created first when absent; the engine's connections must have it
+    on their search_path (``create_store_engine`` does that).
+    """
+    with engine.connect().execution_options(illume_write=True) as conn, conn.begin():
+        if engine.dialect.name == "postgresql":
+            # Serialises concurrent openers for the whole transaction; released at commit.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(db_schema)})
+            if db_schema:
+                conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{db_schema}"'))
+        schema_version.create(conn, checkfirst=True)
+        applied = set(conn.execute(select(schema_version.c.version)).scalars())
+        for step in MIGRATIONS:
+            if step.version in applied:
+                continue
+            step.apply(conn)
+            conn.execute(
+                insert(schema_version).values(
+                    version=step.version, name=step.name, applied_at=rfc3339(utcnow())
+                )
+            )
+        return max(applied | {m.version for m in MIGRATIONS})
+
+
+def current_version(engine: Engine) -> int:
+    """The highest applied migration step (0 on an empty database)."""
+    with engine.connect() as conn:
+        if not engine.dialect.has_table(conn, "schema_version"):
+            return 0
+        query = select(schema_version.c.version).order_by(schema_version.c.version.desc())
+        return conn.execute(query).scalars().first() or 0
+
+
+# --- engine -------------------------------------------------------------------------------------
+
+
+def create_store_engine(settings: StoreSettings) -> Engine:
+    """An engine whose every connection is set up for durable commits (see the module docstring)."""
+    if settings.backend == "sqlite":
+        return _sqlite_engine(settings)
+    return _postgres_engine(settings)
+
+
+def _sqlite_engine(settings: StoreSettings) -> Engine:
+    url = make_url(settings.url)
+    if not url.database or url.database == ":memory:":
+        # An in-memory database is private to one connection and not durable: refuse it.
+        raise ValueError("the SQLite store needs a file path (sqlite:///path/feedback.db)")
+    Path(url.database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url,
+        pool_size=settings.pool_size,
+        max_overflow=settings.pool_size,
+        connect_args={"check_same_thread": False, "timeout": settings.busy_timeout_ms / 1000},
+    )
+    busy = int(settings.busy_timeout_ms)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 module (it would otherwise BEGIN lazily
+        # and break SAVEPOINT); SQLAlchemy's "begin" hook below emits BEGIN itself.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={busy}")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # Writers take the write lock up front: a deferred transaction that later writes can fail
+        # with SQLITE_BUSY at the upgrade, which the busy timeout does not cover.
+        immediate = conn.get_execution_options().get("illume_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def _postgres_engine(settings: StoreSettings) -> Engine:
+    options = "-c synchronous_commit=on"
+    if settings.db_schema:
+        options += f" -c search_path={settings.db_schema}"
+    return create_engine(
+        settings.url,
+        pool_size=settings.pool_size,
+        max_overflow=settings.pool_size,
+        pool_pre_ping=True,
+        connect_args={"options": options},
+    )
+
+
+def durability_settings(engine: Engine) -> dict[str, str]:
+    """What a connection of this engine actually runs with (read back from the database)."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            journal = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+            sync = int(conn.exec_driver_sql("PRAGMA synchronous").scalar() or 0)
+            names = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
+            return {
+                "backend": "sqlite",
+                "journal_mode": str(journal).lower(),
+                "synchronous": names.get(sync, str(sync)),
+                "busy_timeout_ms": str(conn.exec_driver_sql("PRAGMA busy_timeout").scalar()),
+            }
+        return {
+            "backend": "postgresql",
+            "synchronous_commit": str(conn.exec_driver_sql("SHOW synchronous_commit").scalar()),
+            "fsync": str(conn.exec_driver_sql("SHOW fsync").scalar()),
+            "wal_sync_method": str(conn.exec_driver_sql("SHOW wal_sync_method").scalar()),
+        }
+
+
+def integrity_check(engine: Engine) -> bool:
+    """SQLite ``PRAGMA integrity_check`` is "ok"; on PostgreSQL a trivial query answers."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            rows = [r[0] for r in conn.exec_driver_sql("PRAGMA integrity_check").fetchall()]
+            return rows == ["ok"]
+        return conn.exec_driver_sql("SELECT 1").scalar() == 1

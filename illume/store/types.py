@@ -1,0 +1,245 @@
+"""Core record types of the feedback store and the adapter registry.
+
+They mirror the wire contract (``protos/illume/v1/illume.proto``: Generation, Candidate,
+SubmitFeedbackRequest, Judgement, FeedbackStats, Adapter, TuningRound) field for field, so the
+servicers in ``services/`` convert them to protobuf one-to-one; the core never imports the stubs.
+All records are frozen: a record is a value read from (or about to be written to) the store.
+
+Ids are issued by the server: :func:`new_id` gives 32 lower-case hex characters whose first 12 are
+the millisecond clock, so ids sort by creation time (ULID-like) and stay unique without a
+coordinator. Candidate ids are derived from the generation id (``<generation_id>-c<index>``) so a
+streaming reply can name them before the generation is stored.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+FinishReason = Literal["eos", "length"]
+VerdictKind = Literal["selected", "none_fit", "skipped"]
+ExportFormat = Literal["sft", "dpo", "kto"]
+AdapterState = Literal["registered", "rejected", "deleted"]
+RoundState = Literal["pending", "snapshot", "training", "evaluating", "promoted", "rejected", "failed"]
+
+VERDICTS: tuple[str, ...] = ("selected", "none_fit", "skipped")
+FINISH_REASONS: tuple[str, ...] = ("eos", "length")
+EXPORT_FORMATS: tuple[str, ...] = ("sft", "dpo", "kto")
+ROUND_STATES: tuple[str, ...] = (
+    "pending",
+    "snapshot",
+    "training",
+    "evaluating",
+    "promoted",
+    "rejected",
+    "failed",
+)
+TERMINAL_ROUND_STATES: frozenset[str] = frozenset({"promoted", "rejected", "failed"})
+DEFAULT_NAMESPACE = "default"
+BASE_ADAPTER = "base"
+
+
+def new_id() -> str:
+    """A fresh server-issued id: 12 hex digits of the millisecond clock + 80 random bits."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
+
+
+def candidate_id_for(generation_id: str, index: int) -> str:
+    """The stable id of candidate ``index`` of a generation."""
+    return f"{generation_id}-c{index}"
+
+
+def adapter_name(version: int) -> str:
+    """The name a replica loads a version under; never reused for other weights."""
+    return f"rationale-v{version}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def rfc3339(ts: datetime | None) -> str:
+    """RFC 3339 UTC with microseconds, as the wire contract's ``created_at`` fields ("" if None)."""
+    if ts is None:
+        return ""
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def normalize_namespace(namespace: str | None) -> str:
+    """The wire contract's rule: an empty namespace means ``default``."""
+    return namespace or DEFAULT_NAMESPACE
+
+
+@dataclass(frozen=True)
+class NewCandidate:
+    """A sampled candidate as the generator hands it to the store (the store issues the id)."""
+
+    text: str
+    temperature: float
+    token_count: int
+    finish_reason: FinishReason = "eos"
+    mean_logprob: float = 0.0
+
+
+@dataclass(frozen=True)
+class CandidateRecord:
+    """One stored candidate rationale (proto ``Candidate``)."""
+
+    candidate_id: str
+    index: int
+    text: str
+    temperature: float
+    token_count: int
+    finish_reason: FinishReason
+    mean_logprob: float
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """One annotator's current judgement of a generation (proto ``Judgement``)."""
+
+    feedback_id: str
+    annotator_id: str
+    verdict: VerdictKind
+    fitting_candidate_ids: tuple[str, ...]
+    ratings: Mapping[str, int]
+    answer_correct: bool | None
+    corrected_rationale: str
+    revision: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    """One stored generation (proto ``Generation``); ``judgements`` holds the current revisions."""
+
+    generation_id: str
+    namespace: str
+    image_sha256: str
+    question: str
+    answer: str
+    answer_generated: bool
+    candidates: tuple[CandidateRecord, ...]
+    sampling: Mapping[str, Any]
+    seed: int
+    adapter_requested: str
+    adapter_version: str
+    model_id: str
+    held_out: bool
+    client_request_id: str
+    created_at: datetime
+    judgements: tuple[Judgement, ...] = ()
+
+
+@dataclass(frozen=True)
+class FeedbackSubmission:
+    """One annotator's judgement as submitted (proto ``SubmitFeedbackRequest``).
+
+    ``annotator_id`` must already be filled in (the servicer uses the authenticated caller's id
+    when the request leaves it empty).
+    """
+
+    generation_id: str
+    verdict: VerdictKind
+    annotator_id: str
+    idempotency_key: str
+    namespace: str = DEFAULT_NAMESPACE
+    fitting_candidate_ids: tuple[str, ...] = ()
+    ratings: Mapping[str, int] = field(default_factory=dict)
+    answer_correct: bool | None = None
+    corrected_rationale: str = ""
+
+
+@dataclass(frozen=True)
+class FeedbackReceipt:
+    """The acknowledgement of a submission (proto ``SubmitFeedbackResponse``)."""
+
+    feedback_id: str
+    duplicate: bool
+    revision: int
+
+
+@dataclass(frozen=True)
+class AdapterFeedbackStats:
+    """Feedback counts of one adapter version (proto ``AdapterFeedbackStats``)."""
+
+    adapter_version: str
+    generations: int = 0
+    judged_generations: int = 0
+    accepted_generations: int = 0
+    judged_candidates: int = 0
+    accepted_candidates: int = 0
+
+
+@dataclass(frozen=True)
+class FeedbackStats:
+    """Feedback counts of a namespace (proto ``FeedbackStats``)."""
+
+    namespace: str
+    generations: int
+    feedback: int
+    selected: int
+    none_fit: int
+    skipped: int
+    held_out_generations: int
+    by_adapter: tuple[AdapterFeedbackStats, ...]
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One adapter version in the registry (proto ``Adapter``)."""
+
+    namespace: str
+    version: int
+    name: str
+    aliases: tuple[str, ...]
+    artifact_uri: str
+    manifest: Mapping[str, Any]
+    round_id: str
+    parent_version: int
+    created_at: datetime
+    state: AdapterState
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class AliasRecord:
+    """Where an alias points; ``share`` is the canary's share of unpinned traffic (None otherwise)."""
+
+    namespace: str
+    alias: str
+    version: int
+    share: float | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One tuning round (proto ``TuningRound``)."""
+
+    round_id: str
+    namespace: str
+    state: RoundState
+    reason: str
+    snapshot_sha256: str
+    rationale_rows: int
+    answer_rows: int
+    adapter_version: int
+    scores: Mapping[str, Any]
+    job_id: str
+    started_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """A named lease; ``token`` grows on every change of holder (a fencing token)."""
+
+    name: str
+    holder: str
+    expires_at: float
+    token: int

@@ -1,0 +1,570 @@
+"""The body of one ILLUME tuning round: LoRA supervised fine-tuning on a snapshot.
+
+Contract:
+
+- ``train_round(snapshot, config, reporter, *, model_dir, image_loader, out_dir, ...)`` loads the
+  base checkpoint from ``model_dir`` (local only), adds a fresh LoRA adapter on the language model
+  only (``lora_target_regex``) -- or continues the parent adapter when ``config.init_from ==
+  "parent"`` and one is given -- freezes every base weight, trains for ``config.epochs`` epochs (or
+  ``config.max_steps`` steps) with AdamW at a constant learning rate, and saves the adapter to
+  ``out_dir`` with ``save_pretrained`` (safetensors) plus ``illume_round.json`` (provenance).
+- Rows are encoded one at a time by the model's processor (image + prompt + target), the
+  tokenizer's EOS id is appended, and rows are right-padded into batches. Labels are -100 on the
+  image, the prompt and the padding: the loss is taken on the target tokens and EOS only.
+- Loss. Each row's loss is the mean token cross-entropy over its target tokens. A rationale row
+  weighs ``snapshot.rationale_loss_weight`` (w), an answer row 1. A batch's objective is
+  ``sum_r w_r * loss_r / (batch_rows * mean_w)``, with ``mean_w`` the mean weight over the whole
+  snapshot. The normaliser is a constant, so the objective is an unbiased estimate of the
+  snapshot's weighted mean row loss ``sum w_r loss_r / sum w_r``; with the paper's
+  ``w = #answer / #rationale`` rows, rationale rows and answer rows each carry half of it, and the
+  learning rate means the same whatever the replay ratio.
+- ``reporter(epoch, metrics)`` is called after every epoch (``epoch`` counts from 1) with
+  ``loss`` (the weighted mean row loss ``sum w_r loss_r / sum w_r`` over the epoch's rows, the
+  quantity the objective estimates, measured as the epoch went), ``objective`` (mean batch
+  objective), ``rationale_loss`` / ``answer_loss`` (mean row loss of each kind, NaN if the epoch had
+  none), ``rows``, ``steps``, ``seconds`` and ``learning_rate``.
+- Deterministic on CPU: the seed fixes the LoRA initialisation, the shuffling and the dropout, so
+  the same snapshot, config and seed give identical adapter tensors.
+- ``prepare_model`` / ``prepare_loader`` are identity by default; a Ray Train worker passes
+  ``ray.train.torch.prepare_model`` / ``prepare_data_loader`` (DDP and a distributed sampler).
+  Under ``torch.distributed`` only rank 0 writes ``out_dir``. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from illume.models.loading import (
+    DEFAULT_LORA_PROJECTIONS,
+    LoadedModel,
+    ModelSettings,
+    load_model,
+    lora_target_regex,
+)
+from illume.training.snapshot import Snapshot, SnapshotRow
+
+IGNORE_INDEX = -100
+ROUND_METADATA = "illume_round.json"
+Reporter = Callable[[int, dict[str, float]], None]
+ImageLoader = Callable[[str], Image.Image]
+
+
+class TrainConfig(BaseModel):
+    """Settings of one tuning round (defaults follow the paper where it has one)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    learning_rate: float = Field(
+        1e-4,
+        gt=0,
+        description="Constant learning rate. 1e-4 suits LoRA on real checkpoints; tiny random models "
+        "learn visibly only at about 1e-2 or more. (The paper: 1.12e-3 for bottleneck adapters.)",
+    )
+    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas (the paper's).")
+    weight_decay: float = Field(0.2, ge=0, description="AdamW decoupled weight decay (the paper's).")
+    epochs: int = Field(5, ge=1, description="Passes over the snapshot (the paper: 5 per round).")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimiser steps, even mid-epoch (None: no limit)."
+    )
+    batch_size: int = Field(8, ge=1, description="Rows per optimiser step (per worker under Ray Train).")
+    max_grad_norm: float | None = Field(
+        None, gt=0, description="Clip the gradient norm to this value (None: no clipping, as the paper)."
+    )
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_projections: tuple[str, ...] = Field(
+        DEFAULT_LORA_PROJECTIONS, description="Projection names of the language model that get LoRA."
+    )
+    init_from: Literal["base", "parent"] = Field(
+        "base",
+        description="'base': a fresh adapter every round (the default); 'parent': continue training "
+        "the parent adapter when one is given (a first round without a parent starts from base).",
+    )
+    seed: int = Field(0, description="Seed of the LoRA initialisation, the shuffling and the dropout.")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Base model dtype ('auto': bfloat16 on CUDA, float32 on CPU)."
+    )
+    image_backend: Literal["pil", "torchvision"] = Field("pil", description="Image processor backend.")
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a round produced."""
+
+    adapter_dir: Path
+    snapshot_sha256: str
+    epochs: list[dict[str, float]]
+    steps: int
+    rows: int
+    rationale_rows: int
+    answer_rows: int
+    rationale_loss_weight: float
+    initialised_from: str  # "base" or the parent adapter directory
+    base_fingerprint: str
+    adapter_sha256: str
+    seconds: float
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_loss(self) -> float:
+        return self.epochs[-1]["loss"] if self.epochs else math.nan
+
+
+def path_image_loader(ref: str) -> Image.Image:
+    """The default image loader: ``ref`` is a file path, decoded like a client image."""
+    from illume.images import ImageLimits, decode_image
+
+    return decode_image(Path(ref).read_bytes(), ImageLimits(max_bytes=1 << 30))
+
+
+# --- encoding --------------------------------------------------------------------------------
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode_row(loaded: LoadedModel, row: SnapshotRow, image: Image.Image) -> dict[str, torch.Tensor]:
+    """One row as model inputs (batch dimension 1) with ``labels`` on the target tokens and EOS.
+
+    The processor expands the image placeholder, so the prompt's length is measured by encoding
+    the prompt alone with the same image; the loss starts where the two encodings first differ (a
+    tokenizer that merges across the prompt/target boundary loses at most that merged token).
+    """
+    processor = loaded.processor
+    images: list[Any] = [[image]] if loaded.nested_images else [image]
+    prompt_text = loaded.image_placeholder + row.prompt
+    prompt = processor(text=[prompt_text], images=images, return_tensors="pt")
+    full = processor(text=[prompt_text + row.target], images=images, return_tensors="pt")
+    ids = full["input_ids"][0]
+    start = _common_prefix(prompt["input_ids"][0].tolist(), ids.tolist())
+    eos = loaded.tokenizer.eos_token_id
+    length = ids.shape[0]
+    append = int(ids[-1]) != eos
+    if start >= length and not append:
+        raise ValueError(f"target {row.target!r} of {row.source_id} encodes to no tokens")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in full.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.dim() == 2 and value.shape == (1, length):  # per-token (ids, masks, token types)
+            if append:
+                extra = eos if key == "input_ids" else (1 if key == "attention_mask" else 0)
+                value = torch.cat([value, torch.full((1, 1), extra, dtype=value.dtype)], dim=1)
+            out[key] = value
+        else:
+            out[key] = value
+    labels = out["input_ids"].clone()
+    labels[:, :start] = IGNORE_INDEX
+    out["labels"] = labels
+    return out
+
+
+def _token_keys(example: dict[str, torch.Tensor]) -> set[str]:
+    length = example["input_ids"].shape[1]
+    return {k for k, v in example.items() if v.dim() == 2 and v.shape[1] == length}
+
+
+def collate(examples: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad per-token tensors; concatenate image tensors along the batch dimension."""
+    token_keys = _token_keys(examples[0])
+    longest = max(e["input_ids"].shape[1] for e in examples)
+    batch: dict[str, torch.Tensor] = {}
+    for key in examples[0]:
+        values = [e[key] for e in examples]
+        if key in token_keys:
+            pad = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}.get(key, 0)
+            batch[key] = torch.cat(
+                [
+                    torch.cat([v, torch.full((1, longest - v.shape[1]), pad, dtype=v.dtype)], dim=1)
+                    for v in values
+                ]
+            )
+        else:
+            batch[key] = _concat_images(values)
+    return batch
+
+
+def _concat_images(values: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, zero-padding dim 1 when rows differ there (images per row)."""
+    if values[0].dim() >= 2 and len({v.shape[1] for v in values}) > 1:
+        most = max(v.shape[1] for v in values)
+        values = [
+            torch.cat([v, v.new_zeros((v.shape[0], most - v.shape[1], *v.shape[2:]))], dim=1) for v in values
+        ]
+    return torch.cat(values)
+
+
+class SnapshotDataset(torch.utils.data.Dataset):
+    """Encodes snapshot rows on access (images through ``image_loader``)."""
+
+    def __init__(
+        self, loaded: LoadedModel, rows: Sequence[SnapshotRow], image_loader: ImageLoader, weight: float
+    ) -> None:
+        self.loaded = loaded
+        self.rows = list(rows)
+        self.image_loader = image_loader
+        self.weight = weight
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = self.rows[index]
+        example = encode_row(self.loaded, row, self.image_loader(row.image))
+        rationale = row.kind == "rationale"
+        example["row_weight"] = torch.tensor([self.weight if rationale else 1.0])
+        example["is_rationale"] = torch.tensor([rationale])
+        return example
+
+
+def make_loader(
+    dataset: SnapshotDataset, batch_size: int, *, shuffle: bool, seed: int
+) -> torch.utils.data.DataLoader:
+    pad = dataset.loaded.tokenizer.pad_token_id
+    if pad is None:
+        pad = dataset.loaded.tokenizer.eos_token_id
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=_Collator(int(pad)),
+    )
+
+
+@dataclass(frozen=True)
+class _Collator:
+    """Picklable collate function (DataLoader workers and Ray's loader rebuild need one)."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return collate(examples, self.pad_token_id)
+
+
+# --- loss ------------------------------------------------------------------------------------
+
+
+def row_losses(model: Any, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Mean target-token cross-entropy of every row of ``batch`` (shape: rows)."""
+    device = batch["input_ids"].device
+    inputs = {
+        k: v.to(dtype) if v.is_floating_point() else v
+        for k, v in batch.items()
+        if k not in ("labels", "row_weight", "is_rationale")
+    }
+    logits = model(**inputs, use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    # Only the target positions are lifted to float32 (logits of real vocabularies are large).
+    picked = logits[:, :-1][mask].float()
+    token_loss = torch.nn.functional.cross_entropy(picked, labels[mask], reduction="none")
+    rows = torch.arange(labels.shape[0], device=device).unsqueeze(1).expand_as(labels)[mask]
+    sums = torch.zeros(labels.shape[0], device=device).index_add(0, rows, token_loss)
+    counts = mask.sum(dim=1).clamp(min=1)
+    return sums / counts
+
+
+def mean_row_weight(snapshot: Snapshot) -> float:
+    """Mean loss weight over the snapshot's rows (the objective's constant normaliser)."""
+    if not snapshot.rows:
+        return 1.0
+    w = snapshot.rationale_loss_weight
+    return (snapshot.rationale_rows * w + snapshot.answer_rows) / len(snapshot.rows)
+
+
+def _mean(total: float, count: float) -> float:
+    return total / count if count else math.nan
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# --- the round -------------------------------------------------------------------------------
+
+
+def _unwrap(model: Any) -> Any:
+    return model.module if hasattr(model, "module") else model
+
+
+def _is_main_process() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    # peft asks transformers a deprecated question (is_gradient_checkpointing); not ours to fix.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def load_adapter_model(
+    model: Any, adapter_dir: str | Path, *, adapter_name: str = "default", is_trainable: bool = False
+) -> Any:
+    """Wrap a base model in a ``PeftModel`` with the adapter saved in ``adapter_dir``."""
+    from peft import PeftModel
+
+    with _quiet_peft():
+        return PeftModel.from_pretrained(
+            model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable
+        )
+
+
+def _lora_model(loaded: LoadedModel, config: TrainConfig, parent: Path | None) -> Any:
+    from peft import get_peft_model
+
+    if parent is not None:
+        return load_adapter_model(loaded.model, parent, is_trainable=True)
+    with _quiet_peft():
+        return get_peft_model(loaded.model, _lora_config(loaded, config))
+
+
+def _lora_config(loaded: LoadedModel, config: TrainConfig) -> Any:
+    from peft import LoraConfig
+
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=lora_target_regex(loaded.model, tuple(config.lora_projections)),
+        bias="none",
+    )
+    return lora
+
+
+def adapter_sha256(adapter_dir: str | Path) -> str:
+    """sha256 over the adapter's config and weight files (names and bytes, sorted by name)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(adapter_dir).iterdir()):
+        if path.name.startswith("adapter_") and path.is_file():
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def train_round(
+    snapshot: Snapshot,
+    config: TrainConfig,
+    reporter: Reporter | None = None,
+    *,
+    model_dir: str | Path,
+    image_loader: ImageLoader = path_image_loader,
+    out_dir: str | Path,
+    parent_adapter: str | Path | None = None,
+    prepare_model: Callable[[Any], Any] | None = None,
+    prepare_loader: Callable[[Any], Any] | None = None,
+) -> RoundResult:
+    """Train a LoRA adapter on ``snapshot`` and save it to ``out_dir`` (see the module docstring)."""
+    if not snapshot.rows:
+        raise ValueError("the snapshot has no rows to train on")
+    started = time.perf_counter()
+    loaded = load_model(
+        ModelSettings(
+            path=Path(model_dir), device=config.device, dtype=config.dtype, image_backend=config.image_backend
+        )
+    )
+    parent = Path(parent_adapter) if parent_adapter is not None and config.init_from == "parent" else None
+    torch.manual_seed(config.seed)
+    model = _lora_model(loaded, config, parent)
+    for name, param in model.named_parameters():
+        param.requires_grad = "lora_" in name
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model = (prepare_model or (lambda m: m))(model)
+    dataset = SnapshotDataset(loaded, snapshot.rows, image_loader, snapshot.rationale_loss_weight)
+    loader = (prepare_loader or (lambda d: d))(
+        make_loader(dataset, config.batch_size, shuffle=True, seed=config.seed)
+    )
+    optimizer = torch.optim.AdamW(
+        trainable, lr=config.learning_rate, betas=config.betas, weight_decay=config.weight_decay
+    )
+    normaliser = mean_row_weight(snapshot)
+    device = loaded.device
+    epochs: list[dict[str, float]] = []
+    steps = 0
+    for epoch in range(1, config.epochs + 1):
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        epoch_start = time.perf_counter()
+        totals = {
+            "objective": 0.0,
+            "weighted": 0.0,
+            "weights": 0.0,
+            "batches": 0,
+            "rationale": 0.0,
+            "n_rationale": 0,
+            "answer": 0.0,
+            "n_answer": 0,
+        }
+        for batch in loader:
+            batch = _to_device(batch, device)
+            losses = row_losses(model, batch, loaded.dtype)
+            weights = batch["row_weight"].view(-1).to(losses.dtype)
+            objective = (weights * losses).sum() / (losses.shape[0] * normaliser)
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            steps += 1
+            is_rationale = batch["is_rationale"].view(-1)
+            detached = losses.detach()
+            totals["objective"] += float(objective.detach())
+            totals["weighted"] += float((weights * detached).sum())
+            totals["weights"] += float(weights.sum())
+            totals["batches"] += 1
+            totals["rationale"] += float(detached[is_rationale].sum())
+            totals["n_rationale"] += int(is_rationale.sum())
+            totals["answer"] += float(detached[~is_rationale].sum())
+            totals["n_answer"] += int((~is_rationale).sum())
+            if config.max_steps is not None and steps >= config.max_steps:
+                break
+        metrics = {
+            "epoch": float(epoch),
+            "loss": _mean(totals["weighted"], totals["weights"]),
+            "objective": _mean(totals["objective"], totals["batches"]),
+            "rationale_loss": _mean(totals["rationale"], totals["n_rationale"]),
+            "answer_loss": _mean(totals["answer"], totals["n_answer"]),
+            "rows": float(totals["n_rationale"] + totals["n_answer"]),
+            "steps": float(steps),
+            "seconds": time.perf_counter() - epoch_start,
+            "learning_rate": config.learning_rate,
+        }
+        epochs.append(metrics)
+        if reporter is not None:
+            reporter(epoch, dict(metrics))
+        if config.max_steps is not None and steps >= config.max_steps:
+            break
+    out = Path(out_dir)
+    peft_model = _unwrap(model)
+    initialised_from = str(parent) if parent is not None else "base"
+    digest = ""
+    if _is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        peft_model.save_pretrained(out, safe_serialization=True)
+        digest = adapter_sha256(out)
+    result = RoundResult(
+        adapter_dir=out,
+        snapshot_sha256=snapshot.sha256,
+        epochs=epochs,
+        steps=steps,
+        rows=len(snapshot.rows),
+        rationale_rows=snapshot.rationale_rows,
+        answer_rows=snapshot.answer_rows,
+        rationale_loss_weight=snapshot.rationale_loss_weight,
+        initialised_from=initialised_from,
+        base_fingerprint=loaded.fingerprint(),
+        adapter_sha256=digest,
+        seconds=time.perf_counter() - started,
+        config=config.model_dump(mode="json"),
+    )
+    if _is_main_process():
+        (out / ROUND_METADATA).write_text(json.dumps(round_metadata(result), indent=1, sort_keys=True))
+    return result
+
+
+def round_metadata(result: RoundResult) -> dict[str, Any]:
+    """The provenance written beside the adapter (``illume_round.json``)."""
+    return {
+        "snapshot_sha256": result.snapshot_sha256,
+        "base_fingerprint": result.base_fingerprint,
+        "adapter_sha256": result.adapter_sha256,
+        "initialised_from": result.initialised_from,
+        "rows": result.rows,
+        "rationale_rows": result.rationale_rows,
+        "answer_rows": result.answer_rows,
+        "rationale_loss_weight": result.rationale_loss_weight,
+        "steps": result.steps,
+        "epochs": result.epochs,
+        "seconds": result.seconds,
+        "config": result.config,
+    }
+
+
+@torch.no_grad()
+def snapshot_loss(
+    snapshot: Snapshot,
+    *,
+    model_dir: str | Path | None = None,
+    loaded: LoadedModel | None = None,
+    adapter_dir: str | Path | None = None,
+    image_loader: ImageLoader = path_image_loader,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """The weighted objective and the per-kind mean row losses of a model on ``snapshot`` (eval mode).
+
+    Pass ``model_dir`` (loaded here, optionally with ``adapter_dir``) or an already ``loaded`` model.
+    """
+    if loaded is None:
+        if model_dir is None:
+            raise ValueError("give model_dir or loaded")
+        loaded = load_model(ModelSettings(path=Path(model_dir)))
+        if adapter_dir is not None:
+            loaded.model = load_adapter_model(loaded.model, adapter_dir)
+    model = loaded.model
+    was_training = model.training
+    model.eval()
+    dataset = SnapshotDataset(loaded, snapshot.rows, image_loader, snapshot.rationale_loss_weight)
+    weighted = weights = 0.0
+    sums = {"rationale": 0.0, "answer": 0.0}
+    counts = {"rationale": 0, "answer": 0}
+    try:
+        for batch in make_loader(dataset, batch_size, shuffle=False, seed=0):
+            batch = _to_device(batch, loaded.device)
+            losses = row_losses(model, batch, loaded.dtype)
+            w = batch["row_weight"].view(-1).to(losses.dtype)
+            weighted += float((w * losses).sum())
+            weights += float(w.sum())
+            rationale = batch["is_rationale"].view(-1)
+            for kind, mask in (("rationale", rationale), ("answer", ~rationale)):
+                sums[kind] += float(losses[mask].sum())
+                counts[kind] += int(mask.sum())
+    finally:
+        model.train(was_training)
+    return {
+        "loss": weighted / weights if weights else math.nan,
+        "rationale_loss": _mean(sums["rationale"], counts["rationale"]),
+        "answer_loss": _mean(sums["answer"], counts["answer"]),
+    }
+
+
+__all__ = [
+    "RoundResult",
+    "TrainConfig",
+    "adapter_sha256",
+    "collate",
+    "encode_row",
+    "load_adapter_model",
+    "mean_row_weight",
+    "path_image_loader",
+    "round_metadata",
+    "row_losses",
+    "snapshot_loss",
+    "train_round",
+]

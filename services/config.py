@@ -1,0 +1,135 @@
+"""The one configuration schema of the Serve application.
+
+``AppConfig`` is what the application builder (``services.app:build_app``) receives as ``args``;
+``serve run`` / ``serve deploy`` YAML, KubeRay's ``serveConfigV2`` and ``illume serve`` all produce
+it, so they cannot drift. Each component gets its own settings model, built once here and passed
+down; nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from illume.models.loading import ModelSettings
+from illume.store.settings import StoreSettings
+from illume.validation import RequestLimits
+
+SERVICER_FUNCTIONS = [
+    "illume.v1.illume_pb2_grpc.add_RationaleServiceServicer_to_server",
+    "illume.v1.illume_pb2_grpc.add_FeedbackServiceServicer_to_server",
+    "illume.v1.illume_pb2_grpc.add_AdminServiceServicer_to_server",
+]
+APP_NAME = "illume"
+DEFAULT_GRPC_PORT = 50051
+# Lowered from Serve's default of about 2 GiB; a request is an image plus a little text.
+DEFAULT_GRPC_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AutoscalingSettings(_Settings):
+    """Serve autoscaling of the Generator (replaces ``num_replicas`` when set)."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas.")
+    max_replicas: int = Field(2, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(16, gt=0, description="Ongoing requests per replica to aim for.")
+
+
+class GeneratorSettings(_Settings):
+    """The Generator deployment: the model, batching and placement."""
+
+    model: ModelSettings = Field(description="The base model (a local checkpoint directory).")
+    num_replicas: int = Field(1, ge=1, description="Replicas when autoscaling is off.")
+    autoscaling: AutoscalingSettings | None = Field(None, description="Autoscaling instead of a fixed count.")
+    max_batch_size: int = Field(16, ge=1, le=512, description="Most requests in one generate call.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=5, description="How long a batch waits to fill.")
+    max_concurrent_batches: int = Field(1, ge=1, le=8, description="Batches one replica runs at once.")
+    max_queued_requests: int = Field(
+        256, ge=1, description="Requests waiting per replica before new ones get RESOURCE_EXHAUSTED."
+    )
+    num_cpus: float = Field(1.0, gt=0, description="Ray CPUs per replica (also torch's thread count on CPU).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; >0 puts the model on CUDA.")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 uses num_cpus rounded up.")
+    adapter_cache_size: int = Field(4, ge=1, le=64, description="Adapter versions kept loaded (LRU).")
+    adapter_poll_interval_s: float = Field(
+        2.0, gt=0, description="Registry polling period, the fallback when no change notification arrives."
+    )
+    canary_share: float = Field(0.0, ge=0, le=1, description="Share of unpinned traffic sent to 'canary'.")
+
+    @property
+    def max_ongoing_requests(self) -> int:
+        """Serve caps a batch at max_ongoing_requests; keep it at least batch x concurrency (DESIGN 4)."""
+        return self.max_batch_size * self.max_concurrent_batches
+
+
+class FeedbackLogSettings(_Settings):
+    """The FeedbackLog deployment: the only writer of generations and feedback."""
+
+    store: StoreSettings = Field(description="The database of the feedback log and the registry.")
+    num_cpus: float = Field(0.25, gt=0, description="Ray CPUs of the replica.")
+    max_ongoing_requests: int = Field(256, ge=1, description="Concurrent writes accepted (group commit).")
+
+
+class ApiKey(_Settings):
+    """One API key: only its sha256 is configured, never the key itself."""
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 (hex) of the key's bytes.")
+    role: Literal["client", "annotator", "admin"] = Field(description="What the key may call.")
+    principal: str = Field(description="Who holds the key (logged as the annotator id by default).")
+
+
+class AuthSettings(_Settings):
+    """Authentication from the gRPC metadata (``authorization: Bearer <key>``)."""
+
+    enabled: bool = Field(True, description="Require an API key on every call.")
+    keys: list[ApiKey] = Field(default_factory=list, description="Accepted keys.")
+    keys_file: Path | None = Field(None, description="A JSON file of more keys (same fields), read at start.")
+
+
+class IngressSettings(_Settings):
+    """The Ingress deployment: validation, authorisation, routing."""
+
+    num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
+    num_cpus: float = Field(0.25, gt=0, description="Ray CPUs per replica.")
+    max_ongoing_requests: int = Field(512, ge=1, description="Concurrent calls per replica.")
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="Request limits and defaults.")
+
+
+class AppConfig(_Settings):
+    """Everything the Serve application needs; the ``args`` of ``services.app:build_app``."""
+
+    generator: GeneratorSettings = Field(description="Generator deployment.")
+    feedback_log: FeedbackLogSettings = Field(description="FeedbackLog deployment.")
+    ingress: IngressSettings = Field(default_factory=IngressSettings, description="Ingress deployment.")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys and roles.")
+    artifact_uri: str = Field(
+        "", description="Where adapters are stored: a local directory or an s3:// prefix (empty: none yet)."
+    )
+    server_version: str = Field(
+        "", description="Reported by GetServerStatus; the package version when empty."
+    )
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> AppConfig:
+        if self.generator.autoscaling and self.generator.autoscaling.max_replicas < max(
+            1, self.generator.autoscaling.min_replicas
+        ):
+            raise ValueError("generator.autoscaling.max_replicas must be >= min_replicas")
+        return self
+
+
+def default_config(data_dir: Path, model_dir: Path) -> AppConfig:
+    """The embedded default: the project's model, SQLite under ``data_dir``, local artifacts."""
+    data_dir = Path(data_dir)
+    return AppConfig(
+        generator=GeneratorSettings(model=ModelSettings(path=model_dir)),
+        feedback_log=FeedbackLogSettings(
+            store=StoreSettings(url=f"sqlite:///{data_dir / 'feedback.db'}", image_dir=data_dir / "images")
+        ),
+        artifact_uri=str(data_dir / "adapters"),
+    )

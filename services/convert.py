@@ -1,0 +1,202 @@
+"""Protobuf <-> core conversion: the only place that knows both the wire contract and the core.
+
+Servicers call these to parse requests into core types and to build replies from core results;
+the core (``illume``) never imports the generated stubs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from illume.errors import InvalidRequest
+from illume.generation import SamplingParams
+from illume.store.types import (
+    AdapterFeedbackStats,
+    AdapterRecord,
+    CandidateRecord,
+    FeedbackStats,
+    FeedbackSubmission,
+    GenerationRecord,
+    Judgement,
+    RoundRecord,
+    rfc3339,
+)
+from illume.v1 import illume_pb2 as pb
+from illume.validation import RequestLimits, build_sampling
+
+FINISH_TO_PB = {"eos": pb.FINISH_REASON_EOS, "length": pb.FINISH_REASON_LENGTH}
+VERDICT_FROM_PB = {
+    pb.VERDICT_SELECTED: "selected",
+    pb.VERDICT_NONE_FIT: "none_fit",
+    pb.VERDICT_SKIPPED: "skipped",
+}
+VERDICT_TO_PB = {v: k for k, v in VERDICT_FROM_PB.items()}
+EXPORT_FORMAT_FROM_PB = {
+    pb.EXPORT_FORMAT_SFT: "sft",
+    pb.EXPORT_FORMAT_DPO: "dpo",
+    pb.EXPORT_FORMAT_KTO: "kto",
+}
+
+
+def sampling_from_pb(message: pb.SamplingParams, limits: RequestLimits) -> SamplingParams:
+    """Validated sampling parameters (0 or empty fields take the server defaults)."""
+    return build_sampling(
+        limits,
+        n=message.n,
+        temperatures=list(message.temperatures),
+        top_k_fraction=message.top_k_fraction,
+        top_p=message.top_p,
+        max_new_tokens=message.max_new_tokens,
+        seed=message.seed if message.HasField("seed") else None,
+        min_new_tokens=message.min_new_tokens,
+    )
+
+
+def sampling_to_pb(sampling: SamplingParams | Mapping[str, Any]) -> pb.SamplingParams:
+    values = sampling if isinstance(sampling, Mapping) else sampling.__dict__
+    return pb.SamplingParams(
+        n=int(values.get("n", 0)),
+        temperatures=[float(t) for t in values.get("temperatures", ())],
+        top_k_fraction=float(values.get("top_k_fraction", 0.0)),
+        top_p=float(values.get("top_p", 0.0)),
+        max_new_tokens=int(values.get("max_new_tokens", 0)),
+        seed=int(values.get("seed", 0)),
+        min_new_tokens=int(values.get("min_new_tokens", 0)),
+    )
+
+
+def candidate_to_pb(candidate: CandidateRecord) -> pb.Candidate:
+    return pb.Candidate(
+        candidate_id=candidate.candidate_id,
+        index=candidate.index,
+        text=candidate.text,
+        temperature=candidate.temperature,
+        token_count=candidate.token_count,
+        finish_reason=FINISH_TO_PB.get(candidate.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+        mean_logprob=candidate.mean_logprob,
+    )
+
+
+def submission_from_pb(
+    request: pb.SubmitFeedbackRequest, namespace: str, annotator: str
+) -> FeedbackSubmission:
+    """The core submission; the verdict must be explicit and the idempotency key present."""
+    if request.verdict not in VERDICT_FROM_PB:
+        raise InvalidRequest("verdict is required (SELECTED, NONE_FIT or SKIPPED)")
+    key = request.idempotency_key.strip()
+    if not 1 <= len(key) <= 128:
+        raise InvalidRequest("idempotency_key must be 1-128 characters")
+    if not request.generation_id:
+        raise InvalidRequest("generation_id is required")
+    ratings: dict[str, int] = {}
+    for rating in request.ratings:
+        if rating.candidate_id in ratings:
+            raise InvalidRequest(f"candidate {rating.candidate_id} is rated twice")
+        ratings[rating.candidate_id] = int(rating.rating)
+    if len(request.corrected_rationale) > 2000:
+        raise InvalidRequest("corrected_rationale is longer than 2000 characters")
+    return FeedbackSubmission(
+        generation_id=request.generation_id,
+        verdict=VERDICT_FROM_PB[request.verdict],
+        annotator_id=request.annotator_id.strip() or annotator,
+        idempotency_key=key,
+        namespace=namespace,
+        fitting_candidate_ids=tuple(request.fitting_candidate_ids),
+        ratings=ratings,
+        answer_correct=request.answer_correct if request.HasField("answer_correct") else None,
+        corrected_rationale=request.corrected_rationale.strip(),
+    )
+
+
+def judgement_to_pb(judgement: Judgement) -> pb.Judgement:
+    message = pb.Judgement(
+        feedback_id=judgement.feedback_id,
+        annotator_id=judgement.annotator_id,
+        verdict=VERDICT_TO_PB[judgement.verdict],
+        fitting_candidate_ids=list(judgement.fitting_candidate_ids),
+        ratings=[pb.CandidateRating(candidate_id=k, rating=v) for k, v in sorted(judgement.ratings.items())],
+        corrected_rationale=judgement.corrected_rationale,
+        revision=judgement.revision,
+        created_at=rfc3339(judgement.created_at),
+    )
+    if judgement.answer_correct is not None:
+        message.answer_correct = judgement.answer_correct
+    return message
+
+
+def generation_to_pb(record: GenerationRecord) -> pb.Generation:
+    return pb.Generation(
+        generation_id=record.generation_id,
+        namespace=record.namespace,
+        image_sha256=record.image_sha256,
+        question=record.question,
+        answer=record.answer,
+        answer_generated=record.answer_generated,
+        candidates=[candidate_to_pb(c) for c in record.candidates],
+        sampling=sampling_to_pb(record.sampling),
+        seed=record.seed,
+        adapter_requested=record.adapter_requested,
+        adapter_version=record.adapter_version,
+        model_id=record.model_id,
+        held_out=record.held_out,
+        created_at=rfc3339(record.created_at),
+        judgements=[judgement_to_pb(j) for j in record.judgements],
+    )
+
+
+def _adapter_stats_to_pb(stats: AdapterFeedbackStats) -> pb.AdapterFeedbackStats:
+    return pb.AdapterFeedbackStats(
+        adapter_version=stats.adapter_version,
+        generations=stats.generations,
+        judged_generations=stats.judged_generations,
+        accepted_generations=stats.accepted_generations,
+        judged_candidates=stats.judged_candidates,
+        accepted_candidates=stats.accepted_candidates,
+    )
+
+
+def stats_to_pb(stats: FeedbackStats) -> pb.FeedbackStats:
+    return pb.FeedbackStats(
+        namespace=stats.namespace,
+        generations=stats.generations,
+        feedback=stats.feedback,
+        selected=stats.selected,
+        none_fit=stats.none_fit,
+        skipped=stats.skipped,
+        held_out_generations=stats.held_out_generations,
+        by_adapter=[_adapter_stats_to_pb(a) for a in stats.by_adapter],
+    )
+
+
+def adapter_to_pb(record: AdapterRecord) -> pb.Adapter:
+    return pb.Adapter(
+        namespace=record.namespace,
+        version=record.version,
+        name=record.name,
+        aliases=list(record.aliases),
+        artifact_uri=record.artifact_uri,
+        manifest_json=json.dumps(dict(record.manifest), sort_keys=True),
+        round_id=record.round_id,
+        parent_version=record.parent_version,
+        created_at=rfc3339(record.created_at),
+        state=record.state,
+    )
+
+
+def round_to_pb(record: RoundRecord) -> pb.TuningRound:
+    return pb.TuningRound(
+        round_id=record.round_id,
+        namespace=record.namespace,
+        state=record.state,
+        reason=record.reason,
+        snapshot_sha256=record.snapshot_sha256,
+        rationale_rows=record.rationale_rows,
+        answer_rows=record.answer_rows,
+        adapter_version=record.adapter_version,
+        scores_json=json.dumps(dict(record.scores), sort_keys=True),
+        job_id=record.job_id,
+        started_at=rfc3339(record.started_at),
+        finished_at=rfc3339(record.finished_at) if record.finished_at else "",
+    )

@@ -1,0 +1,135 @@
+"""``illume serve``: the whole server on one machine (a local Ray cluster plus the Serve app).
+
+It starts a local Ray cluster (free ports, never Redis's 6379), Serve's gRPC proxy on the
+configured port, and the application from ``services.app:build_app`` with the embedded default
+(the project's model, an SQLite feedback log and an artifact directory under the data directory).
+Local API keys are created once under ``<data>/keys/`` (the config holds only their sha256). It
+prints a ready line once the model is loaded and answers, and shuts down cleanly on Ctrl-C or
+SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import threading
+from pathlib import Path
+
+from services.auth import key_sha256
+from services.config import (
+    APP_NAME,
+    DEFAULT_GRPC_MAX_MESSAGE_BYTES,
+    SERVICER_FUNCTIONS,
+    AppConfig,
+    default_config,
+)
+
+ROLES = ("client", "annotator", "admin")
+# Serve routes gRPC only to applications that have a route prefix (even though no HTTP is served).
+ROUTE_PREFIX = "/"
+
+
+def ensure_local_keys(data_dir: Path) -> Path:
+    """Create one key per role under ``<data>/keys/`` (mode 0600) once; return the hashed key file."""
+    keys_dir = data_dir / "keys"
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for role in ROLES:
+        path = keys_dir / f"{role}.key"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(32))
+        entries.append(
+            {"sha256": key_sha256(path.read_text().strip()), "role": role, "principal": f"local-{role}"}
+        )
+    hashed = data_dir / "api_keys.json"
+    hashed.write_text(json.dumps(entries, indent=1))
+    return hashed
+
+
+def local_config(data_dir: Path, model_dir: Path | None, config_file: Path | None) -> AppConfig:
+    """The embedded default (or a YAML/JSON AppConfig file), with local keys wired in."""
+    if config_file is not None:
+        import yaml
+
+        config = AppConfig.model_validate(yaml.safe_load(config_file.read_text()))
+    else:
+        from illume.models.default import default_model_dir
+
+        config = default_config(data_dir, model_dir or default_model_dir(data_dir))
+    if config.auth.enabled and not config.auth.keys and config.auth.keys_file is None:
+        config = config.model_copy(
+            update={"auth": config.auth.model_copy(update={"keys_file": ensure_local_keys(data_dir)})}
+        )
+    return config
+
+
+def start(config: AppConfig, grpc_port: int, num_cpus: int, dashboard: bool = True) -> None:
+    """Start Ray and the Serve application; returns once every deployment is healthy."""
+    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(DEFAULT_GRPC_MAX_MESSAGE_BYTES))
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from services.app import build_app
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            log_to_driver=False,
+            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}},
+        )
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": 0},
+        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS),
+    )
+    serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX)
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+
+
+def run_forever(
+    data_dir: Path, model_dir: Path | None, config_file: Path | None, grpc_port: int, num_cpus: int
+) -> int:
+    """``illume serve``: start, print the ready line, wait for Ctrl-C or SIGTERM, stop."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = local_config(data_dir, model_dir, config_file)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    try:
+        start(config, grpc_port, num_cpus)
+        from illume.client import IllumeClient
+
+        key_file = data_dir / "keys" / "admin.key"
+        with IllumeClient(
+            f"127.0.0.1:{grpc_port}", api_key_file=key_file if key_file.exists() else None
+        ) as c:
+            status = c.server_status(timeout=60)
+        print(
+            f"illume ready: gRPC on 127.0.0.1:{grpc_port}, model {status.model_id}, "
+            f"feedback log {config.feedback_log.store.url}\n"
+            f"  try: illume client generate --target 127.0.0.1:{grpc_port} "
+            "--image IMAGE --question 'what is shown?'\n"
+            f"  keys: {data_dir / 'keys'}/{{client,annotator,admin}}.key",
+            flush=True,
+        )
+        while not stopping.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("illume: shutting down", flush=True)
+        stop()
+    return 0

@@ -1,0 +1,157 @@
+"""The Serve application, started once per test session on the shared local Ray cluster.
+
+It runs the real application (Ingress, Generator, FeedbackLog) behind Serve's gRPC proxy on a
+free port, with a tiny random-weight LLaVA built here, an SQLite feedback log in a temporary
+directory, and one API key per role.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from illume.client import IllumeClient
+from illume.models.default import _FALLBACK_TEXTS
+from illume.models.loading import ModelSettings
+from illume.models.tiny import build_tiny_vlm
+from illume.store.settings import StoreSettings
+from services.auth import key_sha256
+from services.config import (
+    ApiKey,
+    AppConfig,
+    AuthSettings,
+    FeedbackLogSettings,
+    GeneratorSettings,
+)
+
+from ..conftest import free_port
+
+KEYS = {
+    "client": "client-key-0123456789",
+    "annotator": "annotator-key-0123456789",
+    "admin": "admin-key-0123456789",
+}
+MAX_BATCH = 4
+MAX_QUEUED = 12
+
+
+def app_config(model_dir: Path, store: StoreSettings, **generator) -> AppConfig:
+    return AppConfig(
+        generator=GeneratorSettings(
+            model=ModelSettings(path=model_dir),
+            max_batch_size=MAX_BATCH,
+            batch_wait_timeout_s=0.05,
+            max_queued_requests=MAX_QUEUED,
+            num_cpus=1,
+            **generator,
+        ),
+        feedback_log=FeedbackLogSettings(store=store),
+        auth=AuthSettings(
+            keys=[ApiKey(sha256=key_sha256(k), role=r, principal=f"test-{r}") for r, k in KEYS.items()]
+        ),
+    )
+
+
+@pytest.fixture(scope="session")
+def served_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_vlm("llava", tmp_path_factory.mktemp("served-model"), _FALLBACK_TEXTS, hidden=32)
+
+
+@pytest.fixture(scope="session")
+def grpc_port(ray_cluster) -> int:
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from services.config import SERVICER_FUNCTIONS
+
+    port = free_port()
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": free_port()},
+        grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICER_FUNCTIONS),
+    )
+    return port
+
+
+def deploy(config: AppConfig) -> None:
+    from ray import serve
+
+    from services.app import build_app
+    from services.local import ROUTE_PREFIX
+
+    serve.run(build_app(config), name="illume", route_prefix=ROUTE_PREFIX)
+
+
+@pytest.fixture(scope="session")
+def sqlite_app(grpc_port, served_model_dir, tmp_path_factory) -> AppConfig:
+    data = tmp_path_factory.mktemp("sqlite-app")
+    config = app_config(
+        served_model_dir, StoreSettings(url=f"sqlite:///{data / 'feedback.db'}", image_dir=data / "img")
+    )
+    deploy(config)
+    return config
+
+
+def client_for(port: int, role: str) -> IllumeClient:
+    return IllumeClient(f"127.0.0.1:{port}", api_key=KEYS[role])
+
+
+@pytest.fixture
+def client(sqlite_app, grpc_port):
+    with client_for(grpc_port, "client") as c:
+        yield c
+
+
+@pytest.fixture
+def annotator(sqlite_app, grpc_port):
+    with client_for(grpc_port, "annotator") as c:
+        yield c
+
+
+@pytest.fixture
+def admin(sqlite_app, grpc_port):
+    with client_for(grpc_port, "admin") as c:
+        yield c
+
+
+def scrape(port: int) -> list[tuple[str, dict[str, str], float]]:
+    """Samples of Ray's metrics endpoint, parsed with prometheus-client's exposition parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return [
+        (sample.name, dict(sample.labels), float(sample.value))
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    ]
+
+
+def metric_sum(port: int, name: str, **labels: str) -> float:
+    return sum(
+        v for n, lab, v in scrape(port) if n == name and all(lab.get(k) == x for k, x in labels.items())
+    )
+
+
+def wait_for_metric(port: int, name: str, predicate, timeout: float = 30.0, **labels: str) -> float:
+    """Poll until ``predicate(value)`` holds (Ray exports metrics periodically); bounded in time."""
+    deadline = time.monotonic() + timeout
+    value = metric_sum(port, name, **labels)
+    while not predicate(value) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        value = metric_sum(port, name, **labels)
+    return value
+
+
+def settled_metric(port: int, name: str, timeout: float = 30.0, **labels: str) -> float:
+    """The value once earlier work has been exported: two readings a few report intervals apart agree."""
+    deadline = time.monotonic() + timeout
+    value = metric_sum(port, name, **labels)
+    while time.monotonic() < deadline:
+        time.sleep(2.5)
+        again = metric_sum(port, name, **labels)
+        if again == value:
+            return value
+        value = again
+    return value

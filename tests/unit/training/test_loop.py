@@ -1,0 +1,60 @@
+"""The in-process ILLUME loop on a tiny model: rounds sample with the previous round's adapter."""
+
+from __future__ import annotations
+
+import json
+
+import illume.loop as loop_module
+from illume.loop import LoopConfig, run_loop
+from illume.training import Snapshot, SnapshotConfig, TrainConfig
+
+
+def test_two_rounds_accumulate_train_and_sample_with_the_previous_adapter(
+    tiny_model, tiny_world, tmp_path, monkeypatch
+):
+    used_adapters = []
+    judge = loop_module.judge_pool
+
+    def spy(generator, items, critic, *, round_index, adapter, config):
+        used_adapters.append(adapter)
+        return judge(generator, items, critic, round_index=round_index, adapter=adapter, config=config)
+
+    monkeypatch.setattr(loop_module, "judge_pool", spy)
+    config = LoopConfig(
+        rounds=2,
+        pool_size=8,
+        feedback_per_round=6,
+        critic="rouge_l",
+        rouge_threshold=0.05,  # a random model must get something accepted
+        n=3,
+        temperatures=(1.0,),
+        top_k_fraction=1.0,
+        max_new_tokens=6,
+        batch_size=4,
+        val_limit=3,
+        eval_critics=("rouge_l",),
+        eval_n=2,
+        eval_baseline=False,
+        meteor=False,
+        snapshot=SnapshotConfig(replay_ratio=1),
+        train=TrainConfig(learning_rate=0.05, epochs=1, batch_size=4),
+    )
+    lines = []
+    result = run_loop(tiny_model, tiny_world["train"], tiny_world["val"], config, out_dir=tmp_path,
+                      progress=False, log=lines.append)  # fmt: skip
+    first, second = result.rounds
+    assert used_adapters == [None, "round-0"]  # round k samples with the adapter of round k-1
+    assert first.feedback == 6 and first.accepted_questions > 0 and first.trained
+    assert first.rationale_rows > 0 and first.answer_rows <= first.rationale_rows
+    # Questions with an accepted rationale are not asked again; their rationales stay (accumulation).
+    assert second.feedback == min(6, 8 - first.accepted_questions)
+    assert second.rationale_rows >= first.rationale_rows
+    assert second.questions_with_rationale >= first.questions_with_rationale
+    snap0 = Snapshot.load(tmp_path / "round-0" / "snapshot.json")
+    snap1 = Snapshot.load(tmp_path / "round-1" / "snapshot.json")
+    rows0 = {(r.source_id, r.target) for r in snap0.rows if r.kind == "rationale"}
+    assert rows0 <= {(r.source_id, r.target) for r in snap1.rows if r.kind == "rationale"}
+    assert (tmp_path / "round-1" / "adapter" / "adapter_model.safetensors").is_file()
+    assert 0.0 <= second.val["answer_accuracy"] <= 1.0 and "rouge_l" in second.val["acceptance_per_question"]
+    assert len(lines) == 3 and lines[1].split()[0] == "0"  # header + one line per round
+    assert json.loads((tmp_path / "loop.json").read_text())["rounds"][1]["round"] == 1
