@@ -159,7 +159,7 @@ class FeedbackStore:
             self._image_dir.mkdir(parents=True, exist_ok=True)
         self._writer = GroupCommitWriter(
             self.engine,
-            enabled=settings.group_commit,
+            enabled=settings.group_commit_enabled,
             max_batch=settings.group_commit_max_batch,
             max_wait_ms=settings.group_commit_max_wait_ms,
         )

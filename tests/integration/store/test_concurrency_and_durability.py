@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[3]
 
 @pytest.mark.slow
 def test_group_commit_16_threads(any_settings: StoreSettings):
-    with FeedbackStore(any_settings) as st:
+    # Explicitly on: the default leaves it off on PostgreSQL.
+    with FeedbackStore(any_settings.model_copy(update={"group_commit": True})) as st:
         gen = st.record_generation(
             namespace="",
             image=b"img",

@@ -215,3 +215,11 @@ def test_failed_commit_retries_each_write_alone(scratch):
     assert keys(scratch) == {"x", "y", "z"}
     assert writer.commits == 3  # the failed batch is not counted; each retry is
     writer.close()
+
+
+def test_group_commit_defaults_by_backend():
+    from illume.store.settings import StoreSettings
+
+    assert StoreSettings(url="sqlite:///x.db").group_commit_enabled
+    assert not StoreSettings(url="postgresql+psycopg://u@h/db").group_commit_enabled
+    assert StoreSettings(url="postgresql+psycopg://u@h/db", group_commit=True).group_commit_enabled
