@@ -203,12 +203,49 @@ def _client_start_round(client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_adapters(client, args: argparse.Namespace) -> int:
+    _print_message(client.list_adapters(args.namespace, timeout=args.timeout))
+    return 0
+
+
+def _client_adapter(client, args: argparse.Namespace) -> int:
+    _print_message(client.get_adapter(args.adapter, args.namespace, timeout=args.timeout))
+    return 0
+
+
+def _client_promote(client, args: argparse.Namespace) -> int:
+    reply = client.promote(args.adapter, args.alias, args.namespace, args.canary_share, timeout=args.timeout)
+    _print_message(reply)
+    return 0
+
+
+def _client_rollback(client, args: argparse.Namespace) -> int:
+    _print_message(client.rollback(args.namespace, timeout=args.timeout))
+    return 0
+
+
+def _client_round(client, args: argparse.Namespace) -> int:
+    _print_message(client.get_round(args.round_id, timeout=args.timeout))
+    return 0
+
+
+def _client_rounds(client, args: argparse.Namespace) -> int:
+    _print_message(client.list_rounds(args.namespace, timeout=args.timeout))
+    return 0
+
+
 _CLIENT_VERBS = {
     "generate": _client_generate,
     "feedback": _client_feedback,
     "stats": _client_stats,
     "status": _client_status,
     "start-round": _client_start_round,
+    "adapters": _client_adapters,
+    "adapter": _client_adapter,
+    "promote": _client_promote,
+    "rollback": _client_rollback,
+    "round": _client_round,
+    "rounds": _client_rounds,
 }
 _CLIENT_ROLES = {
     "generate": "client",
@@ -216,6 +253,12 @@ _CLIENT_ROLES = {
     "stats": "annotator",
     "status": "client",
     "start-round": "admin",
+    "adapters": "admin",
+    "adapter": "admin",
+    "promote": "admin",
+    "rollback": "admin",
+    "round": "admin",
+    "rounds": "admin",
 }
 
 
@@ -249,14 +292,110 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
             v.add_argument("--idempotency-key", default=None)
         elif name == "start-round":
             v.add_argument("--force", action="store_true")
+        elif name in ("adapter", "promote"):
+            v.add_argument("adapter", help="a version (7 or rationale-v7) or, for show, an alias")
+            if name == "promote":
+                v.add_argument("--alias", default="production", choices=["production", "canary"])
+                v.add_argument("--canary-share", type=float, default=0.0)
+        elif name == "round":
+            v.add_argument("round_id")
 
 
 # Verbs register in _verb_adders so each stays next to its own code.
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Run one tuning round from a shell (the same body the LoopController submits as a job)."""
+    _offline()
+    from illume.store import AdapterRegistry
+    from services.local import local_config
+    from services.loop_controller import ACTIVE_STATES
+    from services.tuner import run_round
+
+    config = local_config(
+        Path(args.data_dir),
+        Path(args.model) if args.model else None,
+        Path(args.config) if args.config else None,
+    )
+    registry = AdapterRegistry.open(config.feedback_log.store)
+    namespace = args.namespace or "default"
+    active, _ = registry.list_rounds(namespace, page_size=1, states=ACTIVE_STATES)
+    if active:
+        print(f"error: round {active[0].round_id} is still {active[0].state}", file=sys.stderr)
+        return 2
+    record = registry.create_round(namespace, "pending")
+    final = run_round(config, namespace, record.round_id)
+    print(
+        json.dumps(
+            {
+                "round_id": final.round_id,
+                "state": final.state,
+                "reason": final.reason,
+                "adapter_version": final.adapter_version,
+                "scores": dict(final.scores),
+            },
+            indent=1,
+        )
+    )
+    return 0 if final.state in ("promoted", "rejected") else 1
+
+
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="run one tuning round now (snapshot, Ray Train, gate, registry)")
+    p.add_argument("--data-dir", default=".data")
+    p.add_argument("--model", default=None)
+    p.add_argument("--config", default=None, help="an AppConfig YAML file")
+    p.add_argument("--namespace", default="default")
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """A simulated critic drives rounds through the public gRPC API of a running server."""
+    from illume.data import load_vqax
+    from illume.simulate import HEADER, Simulator
+    from illume.world import build_world
+
+    world = Path(args.world) if args.world else Path(args.data_dir) / "world"
+    if not (world / "train.json").is_file():
+        build_world(world, {"train": args.train, "val": args.val, "test": 0}, seed=args.seed)
+    train, val = load_vqax(world / "train.json"), load_vqax(world / "val.json")[: args.val]
+    args.role = "admin"
+    with _client(args) as client:
+        simulator = Simulator(client, critic=args.critic, n=args.n, namespace=args.namespace)
+        print(HEADER)
+        simulator.run(train, val, args.rounds, args.pool, seed=args.seed)
+    return 0
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="play the human critic against a running server for K rounds")
+    p.add_argument("--target", default="127.0.0.1:50051")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key-file", default=None)
+    p.add_argument("--data-dir", default=".data")
+    p.add_argument("--namespace", default="")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--pool", type=int, default=100, help="train items judged per round")
+    p.add_argument("--train", type=int, default=2000, help="train pool size when the world is built here")
+    p.add_argument("--val", type=int, default=100, help="val items measured after each round")
+    p.add_argument("--world", default=None, help="a world directory from build_world (built when absent)")
+    p.add_argument("--critic", choices=["fact", "rouge_l"], default="fact")
+    p.add_argument("--n", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_simulate)
+
+
 def _verb_adders() -> list[Callable[[argparse._SubParsersAction], None]]:
     from illume.evaluation_cli import add_eval_parser
     from illume.loop_cli import add_loop_parser
 
-    return [_add_generate, _add_serve, _add_client, add_eval_parser, add_loop_parser]
+    return [
+        _add_generate,
+        _add_serve,
+        _add_client,
+        add_eval_parser,
+        add_loop_parser,
+        _add_tune,
+        _add_simulate,
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:

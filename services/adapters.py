@@ -1,23 +1,40 @@
-"""Adapter routing on a Generator replica: which adapter serves a request.
+"""Adapter routing on a Generator replica: which adapter serves a request, and hot reload.
 
-``resolve(ref, namespace)`` turns what a client asked for ("" for the namespace's routing,
-"base", a version "7"/"rationale-v7", or an alias) into a ``Resolution``: the version label that
-the reply will name and the installed peft adapter to run (None for the base model), or an error.
-It is called when a batch forms, so a request never names a version the replica lacks.
-
-Until a registry with promoted adapters is configured, everything resolves to the base model and
-any other pin is NOT_FOUND.
+Contract (DESIGN.md section 4, "Hot reload"):
+- the registry is the source of truth; a watcher thread follows it (PostgreSQL LISTEN/NOTIFY when
+  available, polling the registry epoch always, as the fallback) and, for each watched namespace,
+  loads the versions its aliases name into the ``AdapterCache`` (download and sha256 / base-model
+  verification off the hot path, injection between batches under the generation lock), and only
+  then flips the replica's alias table; a version that fails verification is refused, logged, and
+  the alias keeps its previous version;
+- ``resolve(ref, namespace)`` runs when a batch forms and only reads the replica's alias table and
+  the installed adapters, so no request names a version the replica lacks: "" is the namespace's
+  routing (``canary`` for its share of unpinned traffic, else ``production``, else the base
+  model), "base" is the base model, an alias or a version ("7", "rationale-v7") pins it;
+- ``prepare_ref`` runs before a request joins a batch: it loads a pinned version (or a namespace
+  seen for the first time) so that resolution at batch time finds it;
+- requests in flight keep the version they were resolved to (the swap only changes the table used
+  by later batches; versions still named by an alias are never evicted).
 """
 
 from __future__ import annotations
 
+import logging
+import random
+import tempfile
+import threading
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+from illume.errors import IllumeError
 from illume.generation import GenerateRequest, GenerateResult, Generator
-from illume.store.registry import parse_version
+from illume.store.registry import AdapterRegistry, parse_version
+from illume.store.types import adapter_name
 
+log = logging.getLogger("ray.serve")
 BASE_LABEL = "base"
+PRODUCTION, CANARY = "production", "canary"
 
 
 @dataclass(frozen=True)
@@ -30,19 +47,163 @@ class Resolution:
     error_reason: str = ""
 
 
-class AdapterRouter:
-    """Resolves adapter references and runs batches on the core generator."""
+@dataclass(frozen=True)
+class _Alias:
+    version: int
+    share: float | None
 
-    def __init__(self, core: Generator, settings: Any, store: Any = None, artifact_uri: str = "") -> None:
+
+class AdapterRouter:
+    """Resolves adapter references, keeps the registry's adapters loaded, runs batches."""
+
+    def __init__(
+        self,
+        core: Generator,
+        settings: Any,
+        store: Any = None,
+        artifact_uri: str = "",
+        artifact_options: dict | None = None,
+        namespaces: tuple[str, ...] = ("default",),
+    ) -> None:
         self.core = core
         self.settings = settings
+        self._aliases: dict[str, dict[str, _Alias]] = {}
+        self._lock = threading.Lock()
+        self._rng = random.Random()
+        self.registry: AdapterRegistry | None = None
+        self.cache = None
+        if store is None or not artifact_uri:
+            return
+        from illume.adapters import AdapterCache
+        from illume.artifacts import open_artifact_store
+
+        self.registry = AdapterRegistry.open(store)
+        self.cache = AdapterCache(
+            core,
+            open_artifact_store(artifact_uri, artifact_options or None),
+            settings.adapter_cache_size,
+            Path(tempfile.mkdtemp(prefix="illume-adapters-")),
+        )
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._epoch = -1
+        for namespace in namespaces:
+            self._aliases.setdefault(namespace, {})
+        self.refresh()  # a (re)started replica comes up on the current production
+        self._listener = (
+            self.registry.listen(lambda _ns: self._wake.set()) if self.registry.supports_notify else None
+        )
+        self._thread = threading.Thread(target=self._watch, name="illume-adapter-watch", daemon=True)
+        self._thread.start()
+
+    # -- watching the registry -------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.settings.adapter_poll_interval_s)
+            self._wake.clear()
+            try:
+                epoch = self.registry.registry_epoch()
+                if epoch != self._epoch:
+                    self.refresh()
+            except Exception:
+                log.exception("adapter refresh failed; serving continues on the loaded versions")
+
+    def refresh(self) -> None:
+        """Load what every watched namespace's aliases name, then switch the alias table."""
+        epoch = self.registry.registry_epoch()
+        for namespace in list(self._aliases):
+            self._refresh_namespace(namespace)
+        self._epoch = epoch
+
+    def _refresh_namespace(self, namespace: str) -> None:
+        records = self.registry.aliases(namespace)
+        table: dict[str, _Alias] = {}
+        current = self._aliases.get(namespace, {})
+        for alias, record in records.items():
+            if self._load(namespace, record.version):
+                table[alias] = _Alias(record.version, record.share)
+            elif alias in current:
+                table[alias] = current[alias]  # refused: keep serving the previous version
+        with self._lock:
+            self._aliases[namespace] = table
+        self._evict_beyond_capacity()
+
+    def _load(self, namespace: str, version: int) -> bool:
+        name = adapter_name(version)
+        if name in self.core.adapter_names():
+            return True
+        try:
+            record = self.registry.get(namespace, version)
+            self.cache.ensure(name, record.artifact_uri, dict(record.manifest))
+            log.info("adapter %s installed", name)
+            return True
+        except IllumeError as exc:
+            log.error("adapter %s refused: %s", name, exc.reason)
+        except Exception:
+            log.exception("adapter %s could not be loaded", name)
+        return False
+
+    def _pinned(self) -> set[str]:
+        with self._lock:
+            return {adapter_name(a.version) for table in self._aliases.values() for a in table.values()}
+
+    def _evict_beyond_capacity(self) -> None:
+        loaded = self.cache.loaded()
+        pinned = self._pinned()
+        for name in loaded[: max(0, len(loaded) - self.settings.adapter_cache_size)]:
+            if name not in pinned:
+                self.cache.evict(name)
+
+    def stop(self) -> None:
+        if self.registry is None:
+            return
+        self._stop.set()
+        self._wake.set()
+        if self._listener is not None:
+            self._listener.stop()
+
+    # -- per request -----------------------------------------------------------------------------
+
+    def prepare_ref(self, ref: str, namespace: str) -> None:
+        """Before batching: load a pinned version or a namespace not seen yet (blocking; a thread)."""
+        if self.registry is None:
+            return
+        if namespace not in self._aliases:
+            with self._lock:
+                self._aliases.setdefault(namespace, {})
+            self._refresh_namespace(namespace)
+        version = parse_version(ref) if ref not in ("", BASE_LABEL) else None
+        if version is not None and adapter_name(version) not in self.core.adapter_names():
+            self._load(namespace, version)
 
     def resolve(self, ref: str, namespace: str) -> Resolution:
         ref = (ref or "").strip()
-        if ref in ("", BASE_LABEL):
+        if ref == BASE_LABEL:
             return Resolution()
-        kind = "version" if parse_version(ref) is not None else "alias"
-        return Resolution(error_code="NOT_FOUND", error_reason=f"adapter {kind} {ref!r} is not available")
+        with self._lock:
+            table = dict(self._aliases.get(namespace, {}))
+        if ref == "":
+            canary = table.get(CANARY)
+            if canary and canary.share and self._rng.random() < canary.share:
+                return self._installed(canary.version)
+            production = table.get(PRODUCTION)
+            return self._installed(production.version) if production else Resolution()
+        version = parse_version(ref)
+        if version is None:
+            alias = table.get(ref)
+            if alias is None:
+                return Resolution(error_code="NOT_FOUND", error_reason=f"adapter alias {ref!r} is not set")
+            return self._installed(alias.version)
+        return self._installed(version)
+
+    def _installed(self, version: int) -> Resolution:
+        name = adapter_name(version)
+        if name not in self.core.adapter_names():
+            return Resolution(
+                error_code="NOT_FOUND", error_reason=f"adapter version {version} is not available"
+            )
+        return Resolution(version_label=name, adapter_name=name)
 
     def bind(self, request: GenerateRequest, resolution: Resolution) -> GenerateRequest:
         return replace(request, adapter=resolution.adapter_name)
@@ -54,4 +215,9 @@ class AdapterRouter:
         return self.core.adapter_names()
 
     def alias_lines(self) -> list[str]:
-        return []
+        with self._lock:
+            return sorted(
+                f"{ns}/{alias}={adapter_name(a.version)}"
+                for ns, table in self._aliases.items()
+                for alias, a in table.items()
+            )

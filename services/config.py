@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from illume.models.loading import ModelSettings
 from illume.store.settings import StoreSettings
+from illume.training.round import TrainConfig
+from illume.training.snapshot import SnapshotConfig
 from illume.validation import RequestLimits
 
 SERVICER_FUNCTIONS = [
@@ -57,9 +59,8 @@ class GeneratorSettings(_Settings):
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 uses num_cpus rounded up.")
     adapter_cache_size: int = Field(4, ge=1, le=64, description="Adapter versions kept loaded (LRU).")
     adapter_poll_interval_s: float = Field(
-        2.0, gt=0, description="Registry polling period, the fallback when no change notification arrives."
+        0.5, gt=0, description="Registry polling period, the fallback when no change notification arrives."
     )
-    canary_share: float = Field(0.0, ge=0, le=1, description="Share of unpinned traffic sent to 'canary'.")
 
     @property
     def max_ongoing_requests(self) -> int:
@@ -100,6 +101,47 @@ class IngressSettings(_Settings):
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Request limits and defaults.")
 
 
+class GateSettings(_Settings):
+    """The promotion gate: candidate vs production on the same held-out generations."""
+
+    tolerance: float = Field(
+        1.0, ge=0, description="Points a metric may drop before the candidate is rejected."
+    )
+    metrics: tuple[str, ...] = Field(("ROUGE-L", "BLEU-4", "CIDEr"), description="Metrics compared.")
+    min_items: int = Field(0, ge=0, description="Held-out generations needed; fewer promote only if 0.")
+    max_items: int = Field(200, ge=1, description="Held-out generations scored at most.")
+    curated_set: Path | None = Field(None, description="A VQA-X JSON file with gold rationales also scored.")
+
+
+class TuningSettings(_Settings):
+    """Continual tuning: when rounds start, how they train, where they run."""
+
+    enabled: bool = Field(True, description="Run the LoopController and allow tuning rounds.")
+    namespaces: tuple[str, ...] = Field(("default",), description="Namespaces the controller watches.")
+    min_new_judgements: int = Field(
+        50, ge=1, description="Accepted judgements since the last round that start a new round."
+    )
+    check_interval_s: float = Field(10.0, gt=0, description="How often the controller looks for work.")
+    lease_ttl_s: float = Field(60.0, gt=0, description="The controller's lease; another takes over after it.")
+    jobs_api_address: str = Field(
+        "http://127.0.0.1:8265", description="Ray Jobs API (the cluster's dashboard)."
+    )
+    job_timeout_s: float = Field(3600.0, gt=0, description="A round's job is failed after this long.")
+    schedule_timeout_s: float = Field(
+        300.0, gt=0, description="A round whose training workers cannot be scheduled fails after this long."
+    )
+    num_workers: int = Field(1, ge=1, description="Ray Train workers of a round.")
+    use_gpu: bool = Field(False, description="Train on GPUs.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per training worker.")
+    storage_path: str = Field(
+        "", description="Ray Train storage (checkpoints, metrics); the data dir when empty."
+    )
+    snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig, description="Snapshot building.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training of each round.")
+    gate: GateSettings = Field(default_factory=GateSettings, description="The promotion gate.")
+    keep_last: int = Field(10, ge=1, description="Adapter versions kept (aliased ones are always kept).")
+
+
 class AppConfig(_Settings):
     """Everything the Serve application needs; the ``args`` of ``services.app:build_app``."""
 
@@ -110,6 +152,11 @@ class AppConfig(_Settings):
     artifact_uri: str = Field(
         "", description="Where adapters are stored: a local directory or an s3:// prefix (empty: none yet)."
     )
+    artifact_options: dict[str, str] = Field(
+        default_factory=dict,
+        description="fsspec storage options of an s3:// artifact store (endpoint_url, ...).",
+    )
+    tuning: TuningSettings = Field(default_factory=TuningSettings, description="Continual tuning.")
     server_version: str = Field(
         "", description="Reported by GetServerStatus; the package version when empty."
     )

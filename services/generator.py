@@ -63,7 +63,12 @@ class GeneratorDeployment:
     """A replica of the model; see the module docstring for the contract."""
 
     def __init__(
-        self, settings: GeneratorSettings, store: StoreSettings | None = None, artifact_uri: str = ""
+        self,
+        settings: GeneratorSettings,
+        store: StoreSettings | None = None,
+        artifact_uri: str = "",
+        artifact_options: dict | None = None,
+        namespaces: tuple[str, ...] = ("default",),
     ) -> None:
         import torch
 
@@ -73,7 +78,7 @@ class GeneratorDeployment:
         if settings.num_gpus > 0 and model_settings.device == "auto":
             model_settings = model_settings.model_copy(update={"device": "cuda"})
         self.core = Generator(load_model(model_settings))
-        self.adapters = AdapterRouter(self.core, settings, store, artifact_uri)
+        self.adapters = AdapterRouter(self.core, settings, store, artifact_uri, artifact_options, namespaces)
         self._batch.set_max_batch_size(settings.max_batch_size)
         self._batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self._queued = 0
@@ -82,6 +87,7 @@ class GeneratorDeployment:
     async def generate(self, work: GenerateWork) -> GenerateOutcome:
         self._queued += 1
         try:
+            await asyncio.to_thread(self.adapters.prepare_ref, work.adapter_ref, work.namespace)
             return await self._batch(work)
         finally:
             self._queued -= 1
@@ -138,6 +144,11 @@ class GeneratorDeployment:
     def check_health(self) -> None:
         if self.core is None:
             raise RuntimeError("model not loaded")
+
+    def __del__(self) -> None:
+        adapters = getattr(self, "adapters", None)
+        if adapters is not None:
+            adapters.stop()
 
     def status(self) -> dict:
         """What this replica has loaded and how busy it is (for GetServerStatus)."""

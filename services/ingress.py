@@ -12,6 +12,7 @@ from typing import Any
 from ray import serve
 
 import illume
+from illume.store.registry import AdapterRegistry
 from services.auth import Authenticator
 from services.config import AppConfig
 from services.servicers.admin import AdminServicer
@@ -23,8 +24,12 @@ from services.servicers.rationale import RationaleServicer
 class Ingress(RationaleServicer, FeedbackServicer, AdminServicer):
     """RationaleService + FeedbackService + AdminService."""
 
-    def __init__(self, config: AppConfig, generator: Any, feedback_log: Any) -> None:
+    def __init__(
+        self, config: AppConfig, generator: Any, feedback_log: Any, loop_controller: Any = None
+    ) -> None:
         self.config = config
+        self.registry = AdapterRegistry.open(config.feedback_log.store)
+        self.loop_controller = loop_controller
         self.auth = Authenticator(config.auth)
         self.limits = config.ingress.limits
         self.generator = generator

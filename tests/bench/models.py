@@ -28,8 +28,13 @@ def random_vlm_100m(out: Path = BENCH_DIR / "random-vlm-100m") -> Path:
     text.update(intermediate_size=3072, num_attention_heads=12, num_key_value_heads=12)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
-            image_size=64, patch_size=16, projection_dim=256,
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=64,
+            patch_size=16,
+            projection_dim=256,
         ),
         text_config=LlamaConfig(**text),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),

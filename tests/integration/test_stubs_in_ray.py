@@ -12,22 +12,12 @@ import pytest
 
 from illume.v1 import illume_pb2, illume_pb2_grpc
 
-from .conftest import free_port
-
 
 @pytest.fixture(scope="module")
-def echo_app(ray_cluster):
+def echo_app(grpc_port):
     from ray import serve
-    from ray.serve.config import gRPCOptions
 
-    port = free_port()
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": free_port()},
-        grpc_options=gRPCOptions(
-            port=port,
-            grpc_servicer_functions=["illume.v1.illume_pb2_grpc.add_RationaleServiceServicer_to_server"],
-        ),
-    )
+    port = grpc_port
 
     @serve.deployment(ray_actor_options={"num_cpus": 0.1})
     class Echo:

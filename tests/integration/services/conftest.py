@@ -25,9 +25,8 @@ from services.config import (
     AuthSettings,
     FeedbackLogSettings,
     GeneratorSettings,
+    TuningSettings,
 )
-
-from ..conftest import free_port
 
 KEYS = {
     "client": "client-key-0123456789",
@@ -52,27 +51,13 @@ def app_config(model_dir: Path, store: StoreSettings, **generator) -> AppConfig:
         auth=AuthSettings(
             keys=[ApiKey(sha256=key_sha256(k), role=r, principal=f"test-{r}") for r, k in KEYS.items()]
         ),
+        tuning=TuningSettings(enabled=False),
     )
 
 
 @pytest.fixture(scope="session")
 def served_model_dir(tmp_path_factory) -> Path:
     return build_tiny_vlm("llava", tmp_path_factory.mktemp("served-model"), _FALLBACK_TEXTS, hidden=32)
-
-
-@pytest.fixture(scope="session")
-def grpc_port(ray_cluster) -> int:
-    from ray import serve
-    from ray.serve.config import gRPCOptions
-
-    from services.config import SERVICER_FUNCTIONS
-
-    port = free_port()
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": free_port()},
-        grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICER_FUNCTIONS),
-    )
-    return port
 
 
 def deploy(config: AppConfig) -> None:

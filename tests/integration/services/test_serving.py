@@ -127,7 +127,10 @@ def test_error_codes(client, annotator, admin):
             lambda: list(annotator.export("sft")),
             grpc.StatusCode.PERMISSION_DENIED,
         ),
-        "admin rpc not yet": (lambda: admin.list_adapters(), grpc.StatusCode.UNIMPLEMENTED),
+        "unknown adapter version": (lambda: admin.get_adapter("rationale-v404"), grpc.StatusCode.NOT_FOUND),
+        "tuning disabled": (lambda: admin.start_round(force=True), grpc.StatusCode.FAILED_PRECONDITION),
+        "bad alias": (lambda: admin.promote("1", alias="staging"), grpc.StatusCode.INVALID_ARGUMENT),
+        "nothing to roll back": (lambda: admin.rollback(), grpc.StatusCode.FAILED_PRECONDITION),
     }
     for name, (call, expected) in cases.items():
         assert code_of(call) == expected, name

@@ -1,0 +1,204 @@
+"""``illume simulate``: a simulated critic plays the human through the public gRPC API.
+
+For each round it asks the running server for candidates on a pool of train items of the default
+model's synthetic world (with their gold answers, as ILLUME's clients do), judges every candidate
+with a critic (the fact critic, or the paper's ROUGE-L critic against the gold rationales),
+submits the judgements with SubmitFeedback, asks for a tuning round (StartTuningRound) and waits
+for it, then measures the production adapter on val items under the fact critic. It prints one
+table row per round. Like ``illume.client`` it talks only to the wire API.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from illume.critics import CriticInput, FactCritic, RougeLCritic
+from illume.data import VQAXItem
+from illume.metrics import answer_accuracy
+
+TERMINAL = {"promoted", "rejected", "failed"}
+
+
+@dataclass
+class RoundRow:
+    """One printed row."""
+
+    round: int
+    feedback: int = 0
+    accepted: int = 0
+    rationale_rows: int = 0
+    answer_rows: int = 0
+    state: str = ""
+    reason: str = ""
+    adapter: str = "base"
+    val_accept_candidate: float = 0.0
+    val_accept_question: float = 0.0
+    val_answer_accuracy: float = 0.0
+    held_out: dict[str, Any] = field(default_factory=dict)
+
+
+def _critic_input(item: VQAXItem) -> CriticInput:
+    return CriticInput(
+        question=item.question,
+        answer=item.answer,
+        references=list(item.explanations),
+        scene=item.extra.get("scene"),
+        extra={"facts": item.extra.get("facts")},
+    )
+
+
+def _image_bytes(item: VQAXItem) -> bytes:
+    return Path(item.image_path).read_bytes()
+
+
+class Simulator:
+    """Drives rounds against a server (``client`` is an ``illume.client.IllumeClient`` with admin rights)."""
+
+    def __init__(
+        self,
+        client: Any,
+        critic: str = "fact",
+        n: int = 10,
+        concurrency: int = 8,
+        namespace: str = "",
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.client = client
+        self.critic = FactCritic() if critic == "fact" else RougeLCritic()
+        self.fact = FactCritic()
+        self.n = n
+        self.concurrency = concurrency
+        self.namespace = namespace
+        self.log = log
+
+    def feedback_round(self, items: list[VQAXItem], round_index: int) -> tuple[int, int]:
+        """Generate for ``items``, judge, submit; returns (feedback submitted, accepted candidates)."""
+
+        def one(item: VQAXItem) -> tuple[int, int]:
+            reply = self.client.generate(
+                _image_bytes(item),
+                item.question,
+                item.answer,
+                n=self.n,
+                namespace=self.namespace,
+                timeout=600,
+            )
+            verdicts = self.critic.judge_all([c.text for c in reply.candidates], _critic_input(item))
+            fitting = [c.candidate_id for c, v in zip(reply.candidates, verdicts, strict=True) if v.accepted]
+            self.client.submit_feedback(
+                reply.generation_id,
+                fitting=fitting,
+                none_fit=not fitting,
+                answer_correct=True,
+                idempotency_key=f"sim-{round_index}-{reply.generation_id}",
+                namespace=self.namespace,
+            )
+            return 1, len(fitting)
+
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            results = list(pool.map(one, items))
+        return sum(r[0] for r in results), sum(r[1] for r in results)
+
+    def run_tuning_round(self, timeout_s: float = 3600) -> Any:
+        started = self.client.start_round(self.namespace, force=True, timeout=60)
+        deadline = time.monotonic() + timeout_s
+        record = started
+        while record.state not in TERMINAL and time.monotonic() < deadline:
+            time.sleep(2)
+            record = self.client.get_round(started.round_id, timeout=30)
+        return record
+
+    def measure(self, items: list[VQAXItem], adapter: str = "") -> tuple[float, float, float]:
+        """Val acceptance under the fact critic (per candidate, per question) and answer accuracy."""
+
+        def one(item: VQAXItem) -> tuple[list[bool], str]:
+            reply = self.client.generate(
+                _image_bytes(item),
+                item.question,
+                None,
+                n=self.n,
+                seed=7,
+                adapter=adapter,
+                namespace=self.namespace,
+                ephemeral=True,
+                timeout=600,
+            )
+            ctx = _critic_input(item)
+            rationale_reply = self.client.generate(
+                _image_bytes(item),
+                item.question,
+                item.answer,
+                n=self.n,
+                seed=7,
+                adapter=adapter,
+                namespace=self.namespace,
+                ephemeral=True,
+                timeout=600,
+            )
+            verdicts = [
+                v.accepted for v in self.fact.judge_all([c.text for c in rationale_reply.candidates], ctx)
+            ]
+            return verdicts, reply.answer
+
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            results = list(pool.map(one, items))
+        flat = [v for verdicts, _ in results for v in verdicts]
+        per_candidate = sum(flat) / len(flat) if flat else 0.0
+        per_question = sum(any(v) for v, _ in results) / len(results) if results else 0.0
+        accuracy = answer_accuracy(
+            {str(i): answer for i, (_, answer) in enumerate(results)},
+            {str(i): list(item.answers) for i, item in enumerate(items)},
+        )
+        return per_candidate, per_question, accuracy
+
+    def run(
+        self, train: list[VQAXItem], val: list[VQAXItem], rounds: int, pool_per_round: int, seed: int = 0
+    ) -> list[RoundRow]:
+        rng = random.Random(seed)
+        pool = list(train)
+        rng.shuffle(pool)
+        rows = [RoundRow(round=0)]
+        rows[0].val_accept_candidate, rows[0].val_accept_question, rows[0].val_answer_accuracy = self.measure(
+            val, adapter="base"
+        )
+        self.log(format_row(rows[0]))
+        for r in range(1, rounds + 1):
+            batch = pool[(r - 1) * pool_per_round : r * pool_per_round]
+            row = RoundRow(round=r)
+            row.feedback, row.accepted = self.feedback_round(batch, r)
+            record = self.run_tuning_round()
+            row.state, row.reason = record.state, record.reason
+            row.rationale_rows, row.answer_rows = record.rationale_rows, record.answer_rows
+            scores = json.loads(record.scores_json or "{}")
+            row.held_out = scores.get("gate", {})
+            row.adapter = (
+                f"rationale-v{record.adapter_version}" if record.state == "promoted" else "production"
+            )
+            row.val_accept_candidate, row.val_accept_question, row.val_answer_accuracy = self.measure(val)
+            rows.append(row)
+            self.log(format_row(row))
+        return rows
+
+
+HEADER = (
+    "round | feedback | accepted | rationale rows | answer rows | state | val accept/cand | "
+    "val accept/question | val answer acc | held-out ROUGE-L cand/prod | reason"
+)
+
+
+def format_row(row: RoundRow) -> str:
+    gate = row.held_out or {}
+    cand, prod = gate.get("candidate", {}), gate.get("production", {})
+    held = f"{cand.get('ROUGE-L', float('nan')):.1f}/{prod.get('ROUGE-L', float('nan')):.1f}" if cand else "-"
+    return (
+        f"{row.round} | {row.feedback} | {row.accepted} | {row.rationale_rows} | {row.answer_rows} | "
+        f"{row.state or '-'} | {100 * row.val_accept_candidate:.1f}% | "
+        f"{100 * row.val_accept_question:.1f}% | {100 * row.val_answer_accuracy:.1f}% | {held} | {row.reason}"
+    )
