@@ -127,7 +127,6 @@ class AdapterRouter:
                 table[alias] = current[alias]  # refused: keep serving the previous version
         with self._lock:
             self._aliases[namespace] = table
-        self._evict_beyond_capacity()
 
     def _load(self, namespace: str, version: int) -> bool:
         name = adapter_name(version)
@@ -135,7 +134,8 @@ class AdapterRouter:
             return True
         try:
             record = self.registry.get(namespace, version)
-            self.cache.ensure(name, record.artifact_uri, dict(record.manifest))
+            # The cache evicts least recently used versions beyond its capacity, never aliased ones.
+            self.cache.ensure(name, record.artifact_uri, dict(record.manifest), pinned=self._pinned())
             log.info("adapter %s installed", name)
             return True
         except IllumeError as exc:
@@ -147,13 +147,6 @@ class AdapterRouter:
     def _pinned(self) -> set[str]:
         with self._lock:
             return {adapter_name(a.version) for table in self._aliases.values() for a in table.values()}
-
-    def _evict_beyond_capacity(self) -> None:
-        loaded = self.cache.loaded()
-        pinned = self._pinned()
-        for name in loaded[: max(0, len(loaded) - self.settings.adapter_cache_size)]:
-            if name not in pinned:
-                self.cache.evict(name)
 
     def stop(self) -> None:
         if self.registry is None:
@@ -209,7 +202,11 @@ class AdapterRouter:
         return replace(request, adapter=resolution.adapter_name)
 
     def generate(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
-        return self.core.generate(requests)
+        if self.cache is None:
+            return self.core.generate(requests)
+        # Keep the batch's adapters from being evicted until it is done.
+        with self.cache.using(r.adapter for r in requests):
+            return self.core.generate(requests)
 
     def loaded_names(self) -> list[str]:
         return self.core.adapter_names()

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from illume.gate import GateConfig
 from illume.models.loading import ModelSettings
 from illume.store.settings import StoreSettings
 from illume.training.round import TrainConfig
@@ -101,18 +102,6 @@ class IngressSettings(_Settings):
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Request limits and defaults.")
 
 
-class GateSettings(_Settings):
-    """The promotion gate: candidate vs production on the same held-out generations."""
-
-    tolerance: float = Field(
-        1.0, ge=0, description="Points a metric may drop before the candidate is rejected."
-    )
-    metrics: tuple[str, ...] = Field(("ROUGE-L", "BLEU-4", "CIDEr"), description="Metrics compared.")
-    min_items: int = Field(0, ge=0, description="Held-out generations needed; fewer promote only if 0.")
-    max_items: int = Field(200, ge=1, description="Held-out generations scored at most.")
-    curated_set: Path | None = Field(None, description="A VQA-X JSON file with gold rationales also scored.")
-
-
 class TuningSettings(_Settings):
     """Continual tuning: when rounds start, how they train, where they run."""
 
@@ -138,7 +127,10 @@ class TuningSettings(_Settings):
     )
     snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig, description="Snapshot building.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training of each round.")
-    gate: GateSettings = Field(default_factory=GateSettings, description="The promotion gate.")
+    gate: GateConfig = Field(default_factory=GateConfig, description="The promotion gate.")
+    gate_max_items: int = Field(
+        200, ge=1, description="Held-out generations the gate scores at most (newest)."
+    )
     keep_last: int = Field(10, ge=1, description="Adapter versions kept (aliased ones are always kept).")
 
 

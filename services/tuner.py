@@ -78,9 +78,9 @@ def _train_worker(cfg: dict[str, Any]) -> None:
     """One Ray Train worker: the core train_round with Ray's model and loader preparation."""
     import ray.train
     import ray.train.torch
-    from illume.training.from_store import store_image_loader
 
     from illume.store import FeedbackStore, StoreSettings
+    from illume.training.from_store import store_image_loader
     from illume.training.round import TrainConfig, train_round
 
     store = FeedbackStore(StoreSettings.model_validate(cfg["store"]))
@@ -156,53 +156,46 @@ def train_with_ray(
 
 
 def _gate(
-    config: AppConfig,
-    store: FeedbackStore,
-    registry: AdapterRegistry,
-    namespace: str,
-    candidate_dir: Path,
-    production: Any,
+    config: AppConfig, store: FeedbackStore, namespace: str, candidate_dir: Path, production: Any
 ) -> Any:
-    """Score the candidate and production on the same held-out generations; decide."""
-    from illume.gate import GateConfig, decide, score
-    from illume.training.from_store import gate_items
+    """Score the candidate and production on the same held-out generations (and curated sets); decide."""
     from peft import PeftModel
 
+    from illume.artifacts import open_artifact_store
+    from illume.data import load_vqax
+    from illume.gate import evaluate_gate
     from illume.generation import Generator
     from illume.models import ModelSettings, load_model
+    from illume.training.from_store import gate_items
 
-    settings = config.tuning.gate
-    items = gate_items(store, namespace, limit=settings.max_items)
+    gate = config.tuning.gate
+    items = gate_items(store, namespace, config.tuning.gate_max_items)
+    curated = {
+        name: load_vqax(c.path, c.image_dir)[: c.limit]
+        for name, c in gate.curated.items()
+        if c.path is not None
+    }
     loaded = load_model(ModelSettings(path=config.generator.model.path))
     loaded.model = PeftModel.from_pretrained(
         loaded.model, candidate_dir, adapter_name="candidate", is_trainable=False
     )
     production_name = None
     if production is not None:
-        from illume.artifacts import open_artifact_store
-
         local = Path(tempfile.mkdtemp(prefix="illume-production-"))
         open_artifact_store(config.artifact_uri, config.artifact_options or None).get_dir(
             production.artifact_uri, local
         )
         loaded.model.load_adapter(local, adapter_name="production", is_trainable=False)
         production_name = "production"
-    generator = Generator(loaded)
-    gate_config = GateConfig(
-        tolerance=settings.tolerance, metrics=settings.metrics, min_items=settings.min_items
-    )
-    candidate_scores = score(generator, "candidate", items)
-    production_scores = score(generator, production_name, items)
-    return decide(candidate_scores, production_scores, gate_config), len(items)
+    return evaluate_gate(Generator(loaded), "candidate", production_name, items, gate, curated), len(items)
 
 
 def run_round(config: AppConfig, namespace: str, round_id: str) -> RoundRecord:
     """The whole round (see the module docstring); returns the final round record."""
     from illume.adapters import build_manifest
     from illume.artifacts import open_artifact_store
-    from illume.training.from_store import judged_items
-
     from illume.models.loading import base_model_fingerprint
+    from illume.training.from_store import judged_items
 
     store = FeedbackStore(config.feedback_log.store)
     registry = AdapterRegistry(store)
@@ -223,8 +216,8 @@ def run_round(config: AppConfig, namespace: str, round_id: str) -> RoundRecord:
             round_id,
             "training",
             snapshot_sha256=snapshot.sha256,
-            rationale_rows=len(snapshot.rationale_rows),
-            answer_rows=len(snapshot.answer_rows),
+            rationale_rows=snapshot.rationale_rows,
+            answer_rows=snapshot.answer_rows,
         )
         production = (
             registry.get(namespace, PRODUCTION) if PRODUCTION in registry.aliases(namespace) else None
@@ -235,7 +228,7 @@ def run_round(config: AppConfig, namespace: str, round_id: str) -> RoundRecord:
         adapter_dir = work / "adapter"
         train_metrics = train_with_ray(config, snapshot_path, round_id, adapter_dir, parent_dir)
         registry.update_round(round_id, "evaluating")
-        decision, gate_count = _gate(config, store, registry, namespace, adapter_dir, production)
+        decision, gate_count = _gate(config, store, namespace, adapter_dir, production)
         manifest = build_manifest(
             adapter_dir,
             base_fingerprint=base_model_fingerprint(config.generator.model.path),

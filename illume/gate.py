@@ -1,0 +1,411 @@
+"""The promotion gate: score a candidate adapter and the current production on the same items.
+
+Contract (DESIGN.md section 4, "The gate in production"):
+
+- **held-out set** (always): ``GateItem``s built from held-out generations of real feedback (never
+  trained on, see ``illume.training.from_store.gate_items``); the references of an item are the
+  rationales annotators accepted for it. ``score(generator, adapter, items, config)`` decodes one
+  greedy rationale per item for the item's stored answer (``Q: {q} A: {answer}, seeing that``,
+  temperature 0, at most ``max_new_tokens``) and returns ILLUME's caption scores (percent, as
+  ``illume.metrics.caption_scores``) against the references, plus ``items``;
+- **curated sets** (optional): VQA-X style items with gold explanations, scored by
+  ``score_curated`` through ``illume.evaluation.evaluate_generator``: the caption scores of the
+  greedy rationale, ``answer_accuracy`` and, per critic, ``acceptance/<critic>`` (share of
+  questions with an accepted sampled candidate), ``acceptance/<critic>/per_candidate`` and
+  ``acceptance/<critic>/greedy`` -- all in percent, so every tolerance is in points;
+- ``decide(candidate, production, config)`` takes scores keyed by set name (``held_out`` and the
+  curated set names; a flat score dict means the held-out set alone) and promotes only if, in every
+  configured set, the candidate is not worse than production by more than the metric's tolerance on
+  every configured metric. A set (or metric) missing from the candidate's or production's scores,
+  a non-finite score, or the two sides scored on different numbers of items refuses promotion.
+- **too few items**: a set with fewer than ``min_items`` items refuses promotion (too little
+  evidence), unless the set's ``allow_empty`` is set, in which case the set is skipped (with a
+  note in the reason). Skipping covers both an empty and a too-small set, so more evidence never
+  makes the gate stricter. If every set is skipped, the decision promotes (an operator who allows
+  an empty held-out set at the start of a deployment accepts that the first rounds are unguarded).
+
+The gate is deterministic: greedy decoding and seeded sampling, so re-scoring gives the same
+numbers, and the candidate and production are scored on identical items.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from illume.generation import GenerateRequest, Generator, SamplingParams, chunked
+
+HELD_OUT = "held_out"
+ITEMS_KEY = "items"
+DEFAULT_METRICS = ("ROUGE-L", "BLEU-4", "CIDEr")
+
+
+@dataclass(frozen=True)
+class GateItem:
+    """One held-out item: the image (or a zero-argument loader), question, answer and references."""
+
+    generation_id: str
+    image: Image.Image | Callable[[], Image.Image]
+    question: str
+    answer: str
+    references: Sequence[str] = field(default_factory=tuple)
+
+    def load_image(self) -> Image.Image:
+        return self.image if isinstance(self.image, Image.Image) else self.image()
+
+
+class GateSetConfig(BaseModel):
+    """How one scored set takes part in the decision."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    metrics: tuple[str, ...] = Field(
+        DEFAULT_METRICS,
+        description="Score keys compared ('*' and '?' match within one '/' segment, e.g. 'acceptance/*'); "
+        "the candidate may not fall below production by more than the metric's tolerance on any of them.",
+    )
+    tolerance: dict[str, float] = Field(
+        default_factory=dict, description="Allowed drop per metric, in points (percent units)."
+    )
+    default_tolerance: float = Field(1.0, ge=0, description="Allowed drop of a metric not in 'tolerance'.")
+    min_items: int = Field(20, ge=0, description="Fewer scored items than this is too little evidence.")
+    allow_empty: bool = Field(
+        False,
+        description="Skip this set instead of refusing when it has fewer than min_items items "
+        "(including none), e.g. while a new deployment has no held-out feedback yet.",
+    )
+
+    def tolerance_for(self, metric: str) -> float:
+        return float(self.tolerance.get(metric, self.default_tolerance))
+
+
+class CuratedSetConfig(GateSetConfig):
+    """A curated evaluation set (VQA-X format) folded into the gate's decision."""
+
+    metrics: tuple[str, ...] = Field(
+        (*DEFAULT_METRICS, "answer_accuracy", "acceptance/*"),
+        description="Score keys compared; 'acceptance/*' matches every critic's question acceptance.",
+    )
+    path: Path | None = Field(None, description="VQA-X JSON file of the set (loaded by the caller).")
+    image_dir: Path | None = Field(None, description="Directory of the set's images (default: beside path).")
+    limit: int | None = Field(None, ge=1, description="Score at most this many items (the first ones).")
+    critics: tuple[str, ...] = Field(("rouge_l", "fact"), description="Critics judging sampled candidates.")
+    n: int = Field(10, ge=1, description="Sampled candidates per item for acceptance.")
+    temperatures: tuple[float, ...] = Field((0.3, 0.9), description="Sampling temperatures (the paper's).")
+    seed: int = Field(0, description="Sampling seed (per item, derived from the question id).")
+
+
+class GateConfig(GateSetConfig):
+    """The promotion gate: the held-out set's rules, decoding settings and optional curated sets."""
+
+    max_new_tokens: int = Field(100, ge=1, description="Longest greedy rationale, in tokens (the paper's).")
+    batch_size: int = Field(8, ge=1, description="Items per generate call.")
+    tokenize: bool = Field(
+        True,
+        description="PTB-tokenise before scoring (needs Java, as the reference evaluation); "
+        "False splits on whitespace (faster).",
+    )
+    curated: dict[str, CuratedSetConfig] = Field(
+        default_factory=dict, description="Curated sets by name (not 'held_out'), scored like evaluation."
+    )
+
+    def greedy_sampling(self) -> SamplingParams:
+        """Greedy decoding: one candidate at temperature 0 (n=1, top-k over the whole vocabulary)."""
+        return SamplingParams(
+            n=1, temperatures=(0.0,), top_k_fraction=1.0, max_new_tokens=self.max_new_tokens
+        )
+
+    def sets(self) -> dict[str, GateSetConfig]:
+        """Every set in the decision: the held-out set first, then the curated ones."""
+        if HELD_OUT in self.curated:
+            raise ValueError(f"a curated set may not be called {HELD_OUT!r}")
+        return {HELD_OUT: self, **self.curated}
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """The gate's verdict with the scores it compared (keyed by set name)."""
+
+    promote: bool
+    reason: str
+    candidate: dict[str, Any]
+    production: dict[str, Any]
+    checks: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "promote": self.promote,
+            "reason": self.reason,
+            "candidate": self.candidate,
+            "production": self.production,
+            "checks": self.checks,
+        }
+
+
+# --- scoring ---------------------------------------------------------------------------------
+
+
+def greedy_rationales(
+    generator: Generator, adapter: str | None, items: Sequence[GateItem], config: GateConfig
+) -> list[str]:
+    """One greedy rationale per item for the item's answer (batched, in item order)."""
+    sampling = config.greedy_sampling()
+    out: list[str] = []
+    for chunk in chunked(list(items), config.batch_size):
+        requests = [
+            GenerateRequest(
+                image=item.load_image(),
+                question=item.question,
+                answer=item.answer,
+                sampling=sampling,
+                adapter=adapter,
+            )
+            for item in chunk
+        ]
+        for result in generator.generate(requests):
+            out.append(result.candidates[0].text if result.candidates else "")
+    return out
+
+
+def score(
+    generator: Generator,
+    adapter: str | None,
+    items: Sequence[GateItem],
+    config: GateConfig | None = None,
+    *,
+    tokenize: bool | None = None,
+    meteor: bool | None = None,
+) -> dict[str, float]:
+    """Caption scores (percent) of the greedy rationales of ``adapter`` (None: base) against the
+    items' references, plus ``items``. METEOR is computed only if asked or configured."""
+    from illume.evaluation import caption_scores_by_group
+
+    config = config or GateConfig()
+    usable = [item for item in items if item.references]
+    if not usable:
+        return {ITEMS_KEY: 0.0}
+    predictions = greedy_rationales(generator, adapter, usable, config)
+    keys = [f"{i}:{item.generation_id}" for i, item in enumerate(usable)]
+    scores = caption_scores_by_group(
+        dict(zip(keys, predictions, strict=True)),
+        {k: list(item.references) for k, item in zip(keys, usable, strict=True)},
+        {"all": keys},
+        meteor=meteor if meteor is not None else "METEOR" in config.metrics,
+        tokenize=tokenize if tokenize is not None else config.tokenize,
+    )["all"]
+    return {ITEMS_KEY: float(len(usable)), **scores}
+
+
+def score_curated(
+    generator: Generator,
+    adapter: str | None,
+    items: Sequence[Any],
+    config: CuratedSetConfig,
+    *,
+    critics: Sequence[Any] | None = None,
+    tokenize: bool = True,
+    max_new_tokens: int = 100,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Scores of a curated VQA-X set (``VQAXItem``s with gold explanations), all in percent."""
+    from illume.evaluation import evaluate_generator
+
+    critics = list(critics) if critics is not None else make_critics(config.critics)
+    report = evaluate_generator(
+        generator,
+        items,
+        adapter=adapter,
+        critics=critics,
+        n=config.n,
+        temperatures=config.temperatures,
+        max_new_tokens=max_new_tokens,
+        seed=config.seed,
+        limit=config.limit,
+        batch_size=batch_size,
+        meteor=any(metric_matches(m, "METEOR") for m in config.metrics),
+        tokenize=tokenize,
+        progress=False,
+    )
+    overall = report.overall
+    out: dict[str, float] = {ITEMS_KEY: float(overall.items), **overall.captions}
+    out["answer_accuracy"] = 100 * overall.answer_accuracy
+    for name, values in overall.acceptance.items():
+        out[f"acceptance/{name}"] = 100 * values["per_question"]
+        out[f"acceptance/{name}/per_candidate"] = 100 * values["per_candidate"]
+        out[f"acceptance/{name}/greedy"] = 100 * values["greedy"]
+    return out
+
+
+def make_critics(names: Sequence[str]) -> list[Any]:
+    """Critic instances by name (``rouge_l``, ``fact``)."""
+    from illume.critics import FactCritic, RougeLCritic
+
+    known = {RougeLCritic.name: RougeLCritic, FactCritic.name: FactCritic}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown critic {unknown[0]!r}; choose from {', '.join(sorted(known))}")
+    return [known[n]() for n in names]
+
+
+def score_all(
+    generator: Generator,
+    adapter: str | None,
+    held_out: Sequence[GateItem],
+    config: GateConfig,
+    curated: Mapping[str, Sequence[Any]] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Scores of one adapter on the held-out set and every configured curated set (keyed by set)."""
+    out = {HELD_OUT: score(generator, adapter, held_out, config)}
+    for name, set_config in config.curated.items():
+        items = (curated or {}).get(name)
+        if items is None:
+            continue  # decide() refuses: a configured set without scores
+        out[name] = score_curated(
+            generator,
+            adapter,
+            items,
+            set_config,
+            tokenize=config.tokenize,
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.batch_size,
+        )
+    return out
+
+
+def evaluate_gate(
+    generator: Generator,
+    candidate: str,
+    production: str | None,
+    held_out: Sequence[GateItem],
+    config: GateConfig,
+    curated: Mapping[str, Sequence[Any]] | None = None,
+) -> GateDecision:
+    """Score ``candidate`` and ``production`` (None: the base model) on the same items and decide."""
+    return decide(
+        score_all(generator, candidate, held_out, config, curated),
+        score_all(generator, production, held_out, config, curated),
+        config,
+    )
+
+
+# --- the decision ----------------------------------------------------------------------------
+
+
+def _by_set(scores: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Scores keyed by set name; a flat dict of numbers is the held-out set's."""
+    if scores and all(isinstance(v, int | float) for v in scores.values()):
+        return {HELD_OUT: dict(scores)}
+    return {str(k): dict(v) for k, v in scores.items()}
+
+
+def metric_matches(pattern: str, key: str) -> bool:
+    """Whether a score key matches a metric pattern: ``*`` and ``?`` never cross a ``/``."""
+    regex = re.escape(pattern).replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+    return re.fullmatch(regex, key) is not None
+
+
+def _metrics_of(patterns: Sequence[str], cand: Mapping[str, float], prod: Mapping[str, float]) -> list[str]:
+    keys = sorted((set(cand) | set(prod)) - {ITEMS_KEY})
+    out: list[str] = []
+    for pattern in patterns:
+        if "*" in pattern or "?" in pattern:
+            matched = [k for k in keys if metric_matches(pattern, k)]
+            out.extend(matched or [pattern])  # a pattern matching nothing is reported missing
+        else:
+            out.append(pattern)
+    return list(dict.fromkeys(out))
+
+
+def _num(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def decide(candidate: Mapping[str, Any], production: Mapping[str, Any], config: GateConfig) -> GateDecision:
+    """Promote only if no configured metric of any set drops by more than its tolerance."""
+    cand_sets, prod_sets = _by_set(candidate), _by_set(production)
+    failures: list[str] = []
+    notes: list[str] = []
+    checks: list[dict[str, Any]] = []
+    judged = 0
+    for set_name, rules in config.sets().items():
+        cand, prod = cand_sets.get(set_name), prod_sets.get(set_name)
+        if cand is None or prod is None:
+            side = "candidate" if cand is None else "production"
+            failures.append(f"{set_name}: no {side} scores")
+            continue
+        items, prod_items = _num(cand.get(ITEMS_KEY)), _num(prod.get(ITEMS_KEY))
+        if math.isnan(items) or items != prod_items:
+            failures.append(f"{set_name}: scored on different item counts ({items:g} vs {prod_items:g})")
+            continue
+        if items < rules.min_items:
+            message = f"{set_name}: {items:g} items < min_items {rules.min_items}"
+            if rules.allow_empty:
+                notes.append(message + " (skipped: allow_empty)")
+            else:
+                failures.append(message)
+            continue
+        judged += 1
+        for metric in _metrics_of(rules.metrics, cand, prod):
+            c, p = _num(cand.get(metric)), _num(prod.get(metric))
+            tolerance = rules.tolerance_for(metric)
+            ok = math.isfinite(c) and math.isfinite(p) and c >= p - tolerance
+            checks.append(
+                {
+                    "set": set_name,
+                    "metric": metric,
+                    "candidate": c,
+                    "production": p,
+                    "tolerance": tolerance,
+                    "ok": ok,
+                }
+            )
+            if not (math.isfinite(c) and math.isfinite(p)):
+                failures.append(f"{set_name}/{metric}: missing or not finite ({c:g} vs {p:g})")
+            elif not ok:
+                failures.append(f"{set_name}/{metric} {c:.2f} < production {p:.2f} - {tolerance:g}")
+    if failures:
+        reason = "refused: " + "; ".join(failures)
+        promote = False
+    elif judged == 0:
+        reason = "promoted without evidence: " + "; ".join(notes)
+        promote = True
+    else:
+        deltas = ", ".join(
+            f"{c['set']}/{c['metric']} {c['candidate'] - c['production']:+.2f}" for c in checks
+        )
+        reason = "promoted: within tolerance (" + deltas + ")" + ("; " + "; ".join(notes) if notes else "")
+        promote = True
+    return GateDecision(
+        promote=promote,
+        reason=reason,
+        candidate={k: dict(v) for k, v in cand_sets.items()},
+        production={k: dict(v) for k, v in prod_sets.items()},
+        checks=checks,
+    )
+
+
+__all__ = [
+    "HELD_OUT",
+    "CuratedSetConfig",
+    "GateConfig",
+    "GateDecision",
+    "GateItem",
+    "GateSetConfig",
+    "decide",
+    "evaluate_gate",
+    "greedy_rationales",
+    "make_critics",
+    "score",
+    "score_all",
+    "score_curated",
+]

@@ -1,0 +1,139 @@
+"""Training and gate inputs read from the feedback store.
+
+Contract:
+
+- ``judged_items(store, namespace, include_corrected=False)``: one ``JudgedItem`` per judged,
+  non-held-out generation (``FeedbackStore.iter_judged``: at least one current non-skipped
+  judgement), oldest first, for ``build_snapshot``:
+  - ``accepted``: the texts of the candidates marked fitting by any annotator's current
+    judgement, in candidate order, deduplicated (exact text after stripping); with
+    ``include_corrected`` the annotators' corrected rationales follow (the operator's opt-in,
+    DESIGN.md "Feedback provenance");
+  - ``answer_correct``: False if any current judgement says the answer is wrong, else True if any
+    says it is right, else None;
+  - ``feedback_ids``: the current non-skipped judgements' ids; ``image``: the image sha256 (resolve
+    it with ``store_image_loader``); ``round``: the adapter version that generated it (0: base);
+  - ``item_id``: a question key, ``sha256(image sha256, normalised question)``, so several
+    generations of one question (one per round) share it, as ``build_snapshot`` expects.
+- ``gate_items(store, namespace, limit, include_corrected=False)``: the ``limit`` most recent
+  held-out generations that have at least one fitting candidate and no judgement saying their
+  answer is wrong (references that justify a wrong answer are no reference), as ``GateItem``s whose
+  references are the accepted texts; images load lazily from the store.
+- ``store_image_loader(store)``: image sha256 -> decoded RGB image (``illume.images.decode_image``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from PIL import Image
+
+from illume.gate import GateItem
+from illume.store.registry import parse_version
+from illume.store.types import GenerationRecord
+from illume.training.snapshot import JudgedItem, normalise_rationale
+
+_IMAGE_BYTES_LIMIT = 1 << 30  # images in the store were checked when they were received
+
+
+def question_key(image_sha256: str, question: str) -> str:
+    """The id of a question about an image (32 hex characters)."""
+    normalised = " ".join(question.lower().split())
+    return hashlib.sha256(f"illume/question\0{image_sha256}\0{normalised}".encode()).hexdigest()[:32]
+
+
+def _accepted(record: GenerationRecord, include_corrected: bool) -> tuple[str, ...]:
+    fitting = {cid for j in record.judgements if j.verdict == "selected" for cid in j.fitting_candidate_ids}
+    texts = [
+        c.text.strip() for c in sorted(record.candidates, key=lambda c: c.index) if c.candidate_id in fitting
+    ]
+    if include_corrected:
+        texts += [j.corrected_rationale.strip() for j in record.judgements if j.verdict != "skipped"]
+    first: dict[str, str] = {}
+    for text in texts:
+        if text:
+            first.setdefault(normalise_rationale(text), text)
+    return tuple(first.values())
+
+
+def _answer_correct(record: GenerationRecord) -> bool | None:
+    verdicts = [j.answer_correct for j in record.judgements if j.answer_correct is not None]
+    if False in verdicts:
+        return False
+    return True if verdicts else None
+
+
+def _round(record: GenerationRecord) -> int:
+    version = parse_version(record.adapter_version) if record.adapter_version else None
+    return version or 0
+
+
+def judged_item(record: GenerationRecord, include_corrected: bool = False) -> JudgedItem:
+    """The ``JudgedItem`` of one stored generation with its current judgements."""
+    judging = [j for j in record.judgements if j.verdict != "skipped"]
+    return JudgedItem(
+        item_id=question_key(record.image_sha256, record.question),
+        image=record.image_sha256,
+        question=record.question,
+        answer=record.answer,
+        accepted=_accepted(record, include_corrected),
+        answer_correct=_answer_correct(record),
+        generation_id=record.generation_id,
+        feedback_ids=tuple(j.feedback_id for j in judging),
+        judged=bool(judging),
+        held_out=record.held_out,
+        round=_round(record),
+        candidates_judged=len(record.candidates) if judging else 0,
+    )
+
+
+def judged_items(store: Any, namespace: str, *, include_corrected: bool = False) -> list[JudgedItem]:
+    """Every judged, non-held-out generation of ``namespace`` as a ``JudgedItem`` (oldest first)."""
+    return [
+        judged_item(record, include_corrected)
+        for record in store.iter_judged(namespace, include_held_out=False)
+        if not record.held_out
+    ]
+
+
+def store_image_loader(store: Any) -> Callable[[str], Image.Image]:
+    """A loader from image sha256 to the decoded image kept by ``store``."""
+    from illume.images import ImageLimits, decode_image
+
+    limits = ImageLimits(max_bytes=_IMAGE_BYTES_LIMIT, max_pixels=1 << 28)
+
+    def load(image_sha256: str) -> Image.Image:
+        return decode_image(store.get_image(image_sha256), limits)
+
+    return load
+
+
+def gate_items(store: Any, namespace: str, limit: int, *, include_corrected: bool = False) -> list[GateItem]:
+    """The ``limit`` newest held-out generations with accepted rationales, as gate items."""
+    if limit < 1:
+        return []
+    loader = store_image_loader(store)
+    chosen: deque[GateItem] = deque(maxlen=limit)
+    for record in store.iter_judged(namespace, include_held_out=True):
+        if not record.held_out or _answer_correct(record) is False:
+            continue
+        references = _accepted(record, include_corrected)
+        if not references:
+            continue
+        chosen.append(
+            GateItem(
+                generation_id=record.generation_id,
+                image=functools.partial(loader, record.image_sha256),
+                question=record.question,
+                answer=record.answer,
+                references=references,
+            )
+        )
+    return list(chosen)
+
+
+__all__ = ["gate_items", "judged_item", "judged_items", "question_key", "store_image_loader"]

@@ -1,0 +1,139 @@
+"""The promotion gate: decisions on hand-made scores, and real scoring on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+
+from illume.adapters import AdapterCache
+from illume.data.vqax import VQAXItem
+from illume.gate import (
+    CuratedSetConfig,
+    GateConfig,
+    GateItem,
+    decide,
+    evaluate_gate,
+    greedy_rationales,
+    score,
+    score_curated,
+)
+
+GOOD = {"items": 30, "ROUGE-L": 40.0, "BLEU-4": 15.0, "CIDEr": 50.0}
+
+
+def _with(**changes):
+    scores = dict(GOOD)
+    scores.update({k.replace("_", "-"): v for k, v in changes.items()})
+    return scores
+
+
+def test_promotes_a_candidate_within_tolerance_on_every_metric():
+    config = GateConfig(default_tolerance=1.0, tolerance={"CIDEr": 3.0})
+    decision = decide(_with(ROUGE_L=39.5, CIDEr=47.5), GOOD, config)
+    assert decision.promote, decision.reason
+    assert decision.reason.startswith("promoted") and "held_out/CIDEr -2.50" in decision.reason
+    assert decision.candidate["held_out"]["ROUGE-L"] == 39.5
+    assert decision.production["held_out"] == GOOD
+    assert {c["metric"] for c in decision.checks} == {"ROUGE-L", "BLEU-4", "CIDEr"}
+
+
+def test_refuses_a_drop_beyond_tolerance_on_any_metric():
+    config = GateConfig(default_tolerance=1.0, tolerance={"CIDEr": 3.0})
+    decision = decide(_with(BLEU_4=13.9, ROUGE_L=45.0), GOOD, config)
+    assert not decision.promote
+    assert "held_out/BLEU-4 13.90 < production 15.00 - 1" in decision.reason
+    assert not decide(_with(CIDEr=46.9), GOOD, config).promote
+    # Metrics outside the configured set do not count.
+    assert decide(_with(BLEU_4=0.0), GOOD, config.model_copy(update={"metrics": ("ROUGE-L",)})).promote
+
+
+def test_too_few_items_refuse_unless_allowed():
+    few = {**GOOD, "items": 3}
+    refused = decide(few, few, GateConfig(min_items=20))
+    assert not refused.promote and "3 items < min_items 20" in refused.reason
+    empty = {"items": 0}
+    assert not decide(empty, empty, GateConfig()).promote
+    allowed = decide(empty, empty, GateConfig(allow_empty=True))
+    assert allowed.promote and allowed.reason.startswith("promoted without evidence")
+    assert decide(few, few, GateConfig(allow_empty=True)).promote  # more evidence is never stricter
+
+
+def test_missing_or_broken_scores_refuse():
+    config = GateConfig()
+    no_cider = {k: v for k, v in GOOD.items() if k != "CIDEr"}
+    assert "CIDEr: missing" in decide(no_cider, GOOD, config).reason
+    assert not decide(_with(ROUGE_L=float("nan")), GOOD, config).promote
+    assert "different item counts" in decide({**GOOD, "items": 29}, GOOD, config).reason
+    assert "no candidate scores" in decide({}, GOOD, config).reason
+
+
+def test_curated_sets_are_folded_into_the_same_decision():
+    curated = {"items": 50, "ROUGE-L": 44.0, "BLEU-4": 19.0, "CIDEr": 60.0, "answer_accuracy": 85.0}
+    curated.update({"acceptance/rouge_l": 30.0, "acceptance/fact": 40.0, "acceptance/fact/greedy": 1.0})
+    config = GateConfig(curated={"vqax": CuratedSetConfig(tolerance={"acceptance/fact": 2.0})})
+    production = {"held_out": GOOD, "vqax": curated}
+    ok = decide({"held_out": GOOD, "vqax": {**curated, "acceptance/fact": 38.5}}, production, config)
+    assert ok.promote, ok.reason
+    assert {c["metric"] for c in ok.checks if c["set"] == "vqax"} == {
+        "ROUGE-L",
+        "BLEU-4",
+        "CIDEr",
+        "answer_accuracy",
+        "acceptance/fact",
+        "acceptance/rouge_l",
+    }
+    worse = decide({"held_out": GOOD, "vqax": {**curated, "acceptance/fact": 37.0}}, production, config)
+    assert not worse.promote and "vqax/acceptance/fact" in worse.reason
+    wrong = decide({"held_out": GOOD, "vqax": {**curated, "answer_accuracy": 80.0}}, production, config)
+    assert not wrong.promote and "vqax/answer_accuracy" in wrong.reason
+    assert "vqax: no candidate scores" in decide({"held_out": GOOD}, production, config).reason
+    with pytest.raises(ValueError):
+        GateConfig(curated={"held_out": CuratedSetConfig()}).sets()
+
+
+# --- real scoring on the tiny model ----------------------------------------------------------
+
+
+def _items(images, references):
+    questions = ["what colour is the square?", "is there a blue circle?", "how many triangles are there?"]
+    answers = ["red", "yes", "2"]
+    return [
+        GateItem(f"g{i}", (lambda img=images[i]: img), questions[i], answers[i], refs)
+        for i, refs in enumerate(references)
+    ]
+
+
+def test_score_and_evaluate_gate_on_the_tiny_model(generator, adapter_store, adapters, images, tmp_path):
+    config = GateConfig(max_new_tokens=8, tokenize=False, min_items=3)
+    probe = _items(images, [["x"]] * 3)
+    base_texts = greedy_rationales(generator, None, probe, config)
+    # References are the base model's own greedy rationales: the base scores perfectly.
+    items = _items(images, [[t or "empty"] for t in base_texts])
+    base = score(generator, None, items, config)
+    assert base["items"] == 3 and base["ROUGE-L"] == pytest.approx(100.0) and set(base) >= {"BLEU-4", "CIDEr"}
+    assert "METEOR" not in base
+    assert score(generator, None, [*items, GateItem("g9", images[0], "q?", "a", [])], config) == base
+
+    v1 = adapters["rationale-v1"]
+    AdapterCache(generator, adapter_store, work_dir=tmp_path / "cache").ensure(v1.name, v1.uri, v1.manifest)
+    candidate = score(generator, v1.name, items, config)
+    assert candidate["ROUGE-L"] < base["ROUGE-L"]
+    decision = evaluate_gate(generator, v1.name, None, items, config)
+    assert not decision.promote and decision.production["held_out"] == base
+    assert evaluate_gate(generator, None, None, items, config).promote
+    assert score(generator, None, [], config) == {"items": 0.0}
+
+
+def test_score_curated_reports_answers_acceptance_and_captions(generator, images, tmp_path):
+    paths = []
+    for i, image in enumerate(images[:2]):
+        paths.append(tmp_path / f"{i}.png")
+        image.save(paths[-1])
+    items = [
+        VQAXItem(f"q{i}", "what colour is the square?", ("red",), ("the square is red",), p.name, p)
+        for i, p in enumerate(paths)
+    ]
+    config = CuratedSetConfig(critics=("rouge_l",), n=2, min_items=1)
+    scores = score_curated(generator, None, items, config, tokenize=False, max_new_tokens=6)
+    assert scores["items"] == 2
+    assert {"ROUGE-L", "BLEU-4", "CIDEr", "answer_accuracy", "acceptance/rouge_l"} <= set(scores)
+    assert 0 <= scores["answer_accuracy"] <= 100 and 0 <= scores["acceptance/rouge_l"] <= 100
