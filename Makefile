@@ -73,5 +73,14 @@ k8s-check: install
 serve: install
 	$(VENV)/bin/illume serve --data-dir .data
 
+# Benchmarks print figures and ratios measured side by side in one run (docs/BENCHMARKS.md).
+bench: install
+	$(PY) -m tests.bench.serving --model random-100m --requests 64
+	$(PY) -m tests.bench.serving --model default --requests 64
+	mkdir -p .bench/store
+	$(PY) -m illume.store.bench --url sqlite:///.bench/store/feedback.db --writers 16 --writes 50
+	$(PY) -m illume.store.bench --url postgresql+psycopg://postgres@127.0.0.1:5432/test --writers 16 --writes 50
+	$(PY) -m tests.bench.tuning --replicas 2 --judgements 1000
+
 clean:
 	rm -rf illume/v1 .pytest_cache .ruff_cache build dist *.egg-info

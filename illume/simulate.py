@@ -195,7 +195,8 @@ HEADER = (
 
 def format_row(row: RoundRow) -> str:
     gate = row.held_out or {}
-    cand, prod = gate.get("candidate", {}), gate.get("production", {})
+    cand = gate.get("candidate", {}).get("held_out", {})
+    prod = gate.get("production", {}).get("held_out", {})
     held = f"{cand.get('ROUGE-L', float('nan')):.1f}/{prod.get('ROUGE-L', float('nan')):.1f}" if cand else "-"
     return (
         f"{row.round} | {row.feedback} | {row.accepted} | {row.rationale_rows} | {row.answer_rows} | "

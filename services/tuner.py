@@ -202,6 +202,15 @@ def run_round(config: AppConfig, namespace: str, round_id: str) -> RoundRecord:
     artifacts = open_artifact_store(config.artifact_uri, config.artifact_options or None)
     work = Path(tempfile.mkdtemp(prefix=f"illume-round-{round_id}-"))
     trigger = dict(registry.get_round(round_id).scores)
+    timings: dict[str, float] = {}
+    mark = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        timings[f"{phase}_s"] = round(now - mark, 3)
+        mark = now
+
     try:
         registry.update_round(round_id, "snapshot")
         snapshot = build_snapshot(judged_items(store, namespace), config.tuning.snapshot)
@@ -219,6 +228,7 @@ def run_round(config: AppConfig, namespace: str, round_id: str) -> RoundRecord:
             rationale_rows=snapshot.rationale_rows,
             answer_rows=snapshot.answer_rows,
         )
+        lap("snapshot")
         production = (
             registry.get(namespace, PRODUCTION) if PRODUCTION in registry.aliases(namespace) else None
         )
@@ -227,8 +237,10 @@ def run_round(config: AppConfig, namespace: str, round_id: str) -> RoundRecord:
             parent_dir = artifacts.get_dir(production.artifact_uri, work / "parent")
         adapter_dir = work / "adapter"
         train_metrics = train_with_ray(config, snapshot_path, round_id, adapter_dir, parent_dir)
+        lap("train")
         registry.update_round(round_id, "evaluating")
         decision, gate_count = _gate(config, store, namespace, adapter_dir, production)
+        lap("evaluation")
         manifest = build_manifest(
             adapter_dir,
             base_fingerprint=base_model_fingerprint(config.generator.model.path),
@@ -251,17 +263,20 @@ def run_round(config: AppConfig, namespace: str, round_id: str) -> RoundRecord:
             **trigger,
             "gate": {"candidate": decision.candidate, "production": decision.production, "items": gate_count},
             "train": manifest.get("metrics", {}),
+            "timings": timings,
         }
         if decision.promote:
             registry.set_alias(namespace, PRODUCTION, record.version)
-            final = registry.update_round(
-                round_id, "promoted", reason=decision.reason, adapter_version=record.version, scores=scores
-            )
         else:
             registry.mark_rejected(namespace, record.version, decision.reason)
-            final = registry.update_round(
-                round_id, "rejected", reason=decision.reason, adapter_version=record.version, scores=scores
-            )
+        lap("promotion")
+        final = registry.update_round(
+            round_id,
+            "promoted" if decision.promote else "rejected",
+            reason=decision.reason,
+            adapter_version=record.version,
+            scores=scores,
+        )
         for old in registry.apply_retention(namespace, config.tuning.keep_last):
             artifacts.delete(old.artifact_uri)
         return final
