@@ -51,7 +51,11 @@ def ensure_local_keys(data_dir: Path) -> Path:
 
 
 def local_config(data_dir: Path, model_dir: Path | None, config_file: Path | None) -> AppConfig:
-    """The embedded default (or a YAML/JSON AppConfig file), with local keys wired in."""
+    """The embedded default (or a YAML/JSON AppConfig file), with local keys wired in.
+
+    Paths are made absolute: Ray workers and jobs run in other working directories."""
+    data_dir = Path(data_dir).resolve()
+    model_dir = Path(model_dir).resolve() if model_dir is not None else None
     if config_file is not None:
         import yaml
 

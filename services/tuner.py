@@ -22,6 +22,7 @@ import argparse
 import base64
 import json
 import logging
+import re
 import shutil
 import sys
 import tempfile
@@ -47,8 +48,12 @@ def decode_config(text: str) -> AppConfig:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+    """A one-line reason; for errors that wrap a worker's traceback, the worker's own error line."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    if causes:
+        return causes[-1][:300]
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
 
 
 def wait_for_resources(cpus: float, gpus: float, timeout_s: float) -> None:

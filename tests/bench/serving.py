@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--num-cpus", type=float, default=2, help="Ray CPUs (= torch threads) of the replica")
     args = parser.parse_args()
-    model_dir = bench_model(args.model)
+    model_dir = bench_model(args.model).resolve()
     print(
         f"model {model_dir} ({parameter_count(model_dir) / 1e6:.1f}M parameters), {os.cpu_count()} cores, "
         f"{args.requests} requests x {args.n} candidates x {args.tokens} tokens",

@@ -257,7 +257,7 @@ def main() -> None:
     build_world(world, {"train": 400, "val": 50, "test": 0}, seed=11)
     train, val = load_vqax(world / "train.json"), load_vqax(world / "val.json")
     dashboard, port = free_port(), free_port()
-    config = _config(bench_model(args.model), data, dashboard, args.replicas)
+    config = _config(bench_model(args.model).resolve(), data, dashboard, args.replicas)
     versions = _train_adapters(config, train, 3)
     ray.init(
         num_cpus=8,
