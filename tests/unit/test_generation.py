@@ -208,3 +208,13 @@ def test_min_new_tokens_holds_eos_back(generator, images):
         handle.remove()
     assert all(c.token_count == 5 and c.finish_reason == "eos" for c in result.candidates)
     assert plain.candidates == []  # every candidate was empty, so nothing is returned
+
+
+@pytest.mark.gpu
+def test_cuda_greedy_candidates_equal_cpu(tiny_dir, images):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    cpu = Generator(load_model(ModelSettings(path=tiny_dir("llava"), device="cpu")))
+    gpu = Generator(load_model(ModelSettings(path=tiny_dir("llava"), device="cuda", dtype="float32")))
+    request = _request(images[0], n=1, temperatures=(0.0,), top_k_fraction=1.0)
+    assert _texts(gpu.generate([request])[0]) == _texts(cpu.generate([request])[0])
