@@ -126,7 +126,13 @@ def _client(args: argparse.Namespace):
     if key_file is None and not args.api_key:
         default = Path(args.data_dir) / "keys" / f"{args.role}.key"
         key_file = default if default.exists() else None
-    return IllumeClient(args.target, api_key=args.api_key, api_key_file=key_file)
+    credentials = None
+    if getattr(args, "tls", False) or getattr(args, "ca_file", None):
+        import grpc
+
+        roots = Path(args.ca_file).read_bytes() if args.ca_file else None
+        credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+    return IllumeClient(args.target, api_key=args.api_key, api_key_file=key_file, credentials=credentials)
 
 
 def _print_message(message) -> None:
@@ -273,6 +279,8 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
         v.add_argument("--data-dir", default=".data", help="where 'illume serve' keeps local keys")
         v.add_argument("--namespace", default="")
         v.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+        v.add_argument("--tls", action="store_true", help="connect over TLS (a gateway terminates it)")
+        v.add_argument("--ca-file", default=None, help="PEM roots to trust for TLS (implies --tls)")
         v.set_defaults(func=cmd_client, role=_CLIENT_ROLES[name])
         if name == "generate":
             v.add_argument("--image", required=True)
@@ -380,6 +388,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--critic", choices=["fact", "rouge_l"], default="fact")
     p.add_argument("--n", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tls", action="store_true")
+    p.add_argument("--ca-file", default=None)
     p.set_defaults(func=cmd_simulate)
 
 
