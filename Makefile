@@ -5,6 +5,7 @@
 #   make test      the whole test suite (unit, integration, e2e)
 #   make serve     run the server on the embedded default (see README)
 #   make k8s       render the Kubernetes manifests (k8s/rendered/)
+#   make default-model  rebuild the embedded default model (docs/DEFAULT_MODEL.md)
 #   make bench     benchmarks (figures printed side by side)
 
 PYTHON ?= python3.11
@@ -22,7 +23,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/illume/v1/*.proto)
 PROTO_OUT := illume/v1/illume_pb2.py
 
-.PHONY: install proto lint test test-unit test-integration test-e2e serve bench clean k8s k8s-check
+.PHONY: install proto lint test test-unit test-integration test-e2e serve bench clean k8s k8s-check default-model
 
 install: $(STAMP) $(PROTO_OUT)
 
@@ -72,6 +73,10 @@ k8s-check: install
 
 serve: install
 	$(VENV)/bin/illume serve --data-dir .data
+
+# Rebuild the embedded default model (illume/default_model/); resumes from build/default-model/.
+default-model: install
+	$(PY) -m illume.models.default_build --out illume/default_model --work build/default-model
 
 # Benchmarks print figures and ratios measured side by side in one run (docs/BENCHMARKS.md).
 bench: install

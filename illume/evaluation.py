@@ -394,7 +394,7 @@ def load_generator(
     model_dir: str | Path,
     adapter_dir: str | Path | None = None,
     device: str = "auto",
-    adapter_name: str = "eval",
+    adapter_name: str = "evaluated",  # not "eval": peft would clash with nn.Module.eval
 ) -> tuple[Generator, str | None]:
     """A generator for ``model_dir`` with ``adapter_dir`` installed as ``adapter_name`` (if given)."""
     from illume.models import ModelSettings, load_model

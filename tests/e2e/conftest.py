@@ -44,7 +44,10 @@ def e2e_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def model_dir(e2e_dir) -> Path:
-    return default_model_dir(e2e_dir)
+    """A copy of the default model (one test hides it from the training job)."""
+    import shutil
+
+    return Path(shutil.copytree(default_model_dir(e2e_dir), e2e_dir / "model"))
 
 
 @pytest.fixture(scope="session")

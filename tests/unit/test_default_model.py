@@ -1,0 +1,197 @@
+"""The embedded default model (illume/default_model) and its builder (illume.models.default_build).
+
+The shipped checkpoint must load through the standard Hugging Face classes, match its manifest,
+answer a fixed val sample of the world well, and start the ILLUME loop with a low but non-zero
+fact-critic acceptance (round 0). The builder's pieces are checked on a micro configuration:
+tokenizer coverage, the training rows against the processor's own encoding, and that a build
+resumed from a checkpoint ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from illume.models.default import PACKAGED_MODEL
+from illume.models.default_build.build import (
+    BuildConfig,
+    Interrupted,
+    Stage,
+    batch_for,
+    build_tokenizer,
+    train,
+)
+from illume.models.default_build.data import TextEncoder, draw_items, make_batch, pixel_values
+from illume.models.default_build.export import MANIFEST, verify
+from illume.world import generate, render_scene, world_texts
+
+SAMPLE = 100  # val items of the fixed sample
+
+
+@pytest.fixture(scope="module")
+def manifest() -> dict:
+    return json.loads((PACKAGED_MODEL / MANIFEST).read_text())
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    from illume.models.loading import ModelSettings, load_model
+
+    return load_model(ModelSettings(path=PACKAGED_MODEL, device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def val_items():
+    from illume.models.default_build.measure import world_split
+
+    return world_split("val", SAMPLE)
+
+
+def test_checkpoint_is_a_plain_llava_that_loads_through_the_auto_classes():
+    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        PACKAGED_MODEL, local_files_only=True, dtype=torch.float32
+    )
+    processor = AutoProcessor.from_pretrained(PACKAGED_MODEL, local_files_only=True, backend="pil")
+    assert type(model) is LlavaForConditionalGeneration
+    assert model.dtype == torch.float32  # stored as float16, loads into float32 on CPU
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert type(processor).__name__ == "LlavaProcessor"
+    assert type(processor.image_processor).__name__.endswith("Pil")
+
+
+def test_checkpoint_matches_its_manifest_and_fits_the_size_budget(manifest):
+    assert verify(PACKAGED_MODEL) == []
+    assert {"config.json", "model.safetensors", "generation_config.json"} <= set(manifest["files"])
+    weights = (PACKAGED_MODEL / "model.safetensors").stat().st_size
+    assert weights <= 25 * 1024 * 1024
+    assert manifest["dtype"] == "float16"
+    assert "make default-model" in manifest["command"]
+    assert manifest["build_config"]["seed"] == 0
+
+
+@pytest.mark.xfail(
+    reason="issue 4 open: the shipped checkpoint answers 73.5% of val (spatial 45%, comparison 35%); "
+    "the target is 90% overall and 70% per family. Remove this marker with a checkpoint that meets it.",
+    strict=False,
+)
+def test_answer_accuracy_on_a_fixed_val_sample(loaded, val_items):
+    from illume.models.default_build.measure import measure
+
+    figures = measure(loaded, val_items, n=1, temperatures=(0.0,))
+    accuracy = figures["answer_accuracy"]
+    assert accuracy["overall"] >= 0.9, accuracy
+    assert min(v for k, v in accuracy.items() if k != "overall") >= 0.7, accuracy
+
+
+def test_round_zero_acceptance_lies_in_the_target_band(loaded, val_items):
+    from illume.models.default_build.measure import measure
+
+    figures = measure(loaded, val_items[:50], n=10, temperatures=(0.3, 0.9), seed=0)
+    share = figures["sampled"]["per_candidate"]["overall"]
+    assert 0.02 <= share <= 0.30, figures["sampled"]
+
+
+def test_tokenizer_covers_every_word_the_world_writes():
+    tokenizer = build_tokenizer()
+    items = generate({"train": 60}, seed=5)["train"]
+    texts = [f"Q: {i.question} A: {i.answer}, seeing that x" for i in items] + list(world_texts(items))
+    unk = tokenizer.unk_token_id
+    for text in texts:
+        ids = tokenizer(text.replace(" x", ""), add_special_tokens=False)["input_ids"]
+        assert unk not in ids, text
+
+
+def test_training_rows_match_what_the_processor_feeds_the_model():
+    from illume.models.tiny import _llava_processor
+
+    config = BuildConfig()
+    tokenizer = build_tokenizer()
+    processor = _llava_processor(tokenizer, config.image_size, config.patch_size, config.vision_hidden)
+    items = draw_items(random.Random(3), 6, (1, 1, 1, 1, 1), set())
+    batch = make_batch(
+        items,
+        ["answer", "rationale", "true"] * 2,
+        random.Random(4),
+        TextEncoder(tokenizer, config.image_tokens),
+    )
+    images = [render_scene(i.scene) for i in items]
+    for row, item in enumerate(items):
+        prompt = f"Q: {item.question} A:"
+        encoded = processor(text=["<image>" + prompt], images=[images[row]], return_tensors="pt")
+        n = encoded["input_ids"].shape[1]
+        assert batch.input_ids[row, :n].tolist() == encoded["input_ids"][0].tolist()
+        assert (batch.labels[row, :n] == -100).all()  # no loss on the image or the question
+        labelled = batch.labels[row][batch.labels[row] != -100].tolist()
+        assert labelled[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(labelled[:1]) == item.answer
+    captions = make_batch(
+        items[:2], ["caption"] * 2, random.Random(5), TextEncoder(tokenizer, config.image_tokens)
+    )
+    head = 1 + config.image_tokens  # BOS and the image tokens; everything after them is labelled
+    for row in range(2):
+        text = captions.labels[row][captions.labels[row] != -100].tolist()
+        assert captions.input_ids[row, head : head + len(text)].tolist() == text
+        assert tokenizer.unk_token_id not in text
+    expected = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    assert torch.allclose(pixel_values([i.scene for i in items]), expected, atol=1e-5)
+
+
+def test_rationale_rows_never_carry_a_gold_rationale():
+    tokenizer = build_tokenizer()
+    encoder = TextEncoder(tokenizer, BuildConfig().image_tokens)
+    items = draw_items(random.Random(7), 40, (1, 1, 1, 1, 1), set())
+    batch = make_batch(items, ["rationale"] * len(items), random.Random(8), encoder)
+    for row, item in enumerate(items):
+        text = tokenizer.decode(
+            batch.labels[row][batch.labels[row] != -100].tolist(), skip_special_tokens=True
+        )
+        if "seeing that" in text:
+            rationale = text.split("seeing that", 1)[1].strip()
+            assert rationale not in {g.lower() for g in item.rationales}
+
+
+def test_batches_are_a_pure_function_of_the_step():
+    config = BuildConfig()
+    encoder = TextEncoder(build_tokenizer(), config.image_tokens)
+    a = batch_for(config, 2, 17, encoder, set())
+    b = batch_for(config, 2, 17, encoder, set())
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
+
+
+def _micro(steps: int) -> BuildConfig:
+    return BuildConfig(
+        vision_hidden=16,
+        vision_layers=1,
+        vision_heads=2,
+        text_hidden=16,
+        text_layers=1,
+        text_heads=2,
+        text_intermediate=32,
+        batch_size=4,
+        reserve=5,
+        eval_items=5,
+        save_every=2,
+        stages=(
+            Stage("vision", 2, 1e-3, 1, lm=False),
+            Stage("answers", steps, 1e-3, 1, mix=(0.4, 0.3, 0.1, 0.2)),
+        ),
+    )
+
+
+def test_a_resumed_build_ends_with_the_same_weights(tmp_path: Path):
+    config = _micro(4)
+    straight, _, _ = train(config, tmp_path / "straight", log=lambda _: None)
+    with pytest.raises(Interrupted):  # stops mid-stage: optimiser state and step are in the checkpoint
+        train(config, tmp_path / "resumed", log=lambda _: None, stop_after=4)
+    with pytest.raises(RuntimeError, match="another build config"):
+        train(replace(config, seed=1), tmp_path / "resumed", log=lambda _: None)
+    resumed, _, _ = train(config, tmp_path / "resumed", log=lambda _: None)
+    for (name, p), (_, q) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name
