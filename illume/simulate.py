@@ -106,14 +106,33 @@ class Simulator:
             results = list(pool.map(one, items))
         return sum(r[0] for r in results), sum(r[1] for r in results)
 
-    def run_tuning_round(self, timeout_s: float = 3600) -> Any:
-        started = self.client.start_round(self.namespace, force=True, timeout=60)
-        deadline = time.monotonic() + timeout_s
-        record = started
+    def _wait(self, round_id: str, deadline: float) -> Any:
+        record = self.client.get_round(round_id, timeout=30)
         while record.state not in TERMINAL and time.monotonic() < deadline:
             time.sleep(2)
-            record = self.client.get_round(started.round_id, timeout=30)
+            record = self.client.get_round(round_id, timeout=30)
         return record
+
+    def run_tuning_round(self, timeout_s: float = 3600) -> Any:
+        """Start a round on everything submitted so far and wait for it.
+
+        The server's controller may have started one by itself while feedback arrived; then that
+        round is awaited and a new one started, so the round measured saw all the feedback."""
+        import grpc
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                started = self.client.start_round(self.namespace, force=True, timeout=60)
+                return self._wait(started.round_id, deadline)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION or time.monotonic() > deadline:
+                    raise
+                active = self.client.list_rounds(self.namespace, page_size=1, timeout=30).rounds
+                if active and active[0].state not in TERMINAL:
+                    self._wait(active[0].round_id, deadline)
+                else:
+                    time.sleep(2)
 
     def measure(self, items: list[VQAXItem], adapter: str = "") -> tuple[float, float, float]:
         """Val acceptance under the fact critic (per candidate, per question) and answer accuracy."""

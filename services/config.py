@@ -171,4 +171,11 @@ def default_config(data_dir: Path, model_dir: Path) -> AppConfig:
             store=StoreSettings(url=f"sqlite:///{data_dir / 'feedback.db'}", image_dir=data_dir / "images")
         ),
         artifact_uri=str(data_dir / "adapters"),
+        tuning=TuningSettings(
+            storage_path=str(data_dir / "ray-train"),
+            # The embedded model is small: LoRA needs a larger step than on billion-parameter models.
+            train=TrainConfig(learning_rate=1e-3, lora_r=16, lora_alpha=32),
+            # A laptop's held-out split starts empty; promote while it holds too little evidence.
+            gate=GateConfig(min_items=10, allow_empty=True, tokenize=False),
+        ),
     )
