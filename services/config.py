@@ -162,11 +162,23 @@ class AppConfig(_Settings):
         return self
 
 
+def _model_id(model_dir: Path) -> str:
+    """The name a checkpoint's manifest gives it (the project's models have one), else its folder's."""
+    import json
+
+    manifest = model_dir / "manifest.json"
+    if manifest.is_file():
+        name = json.loads(manifest.read_text()).get("name")
+        if isinstance(name, str) and name:
+            return name
+    return model_dir.name
+
+
 def default_config(data_dir: Path, model_dir: Path) -> AppConfig:
     """The embedded default: the project's model, SQLite under ``data_dir``, local artifacts."""
     data_dir = Path(data_dir)
     return AppConfig(
-        generator=GeneratorSettings(model=ModelSettings(path=model_dir)),
+        generator=GeneratorSettings(model=ModelSettings(path=model_dir, model_id=_model_id(Path(model_dir)))),
         feedback_log=FeedbackLogSettings(
             store=StoreSettings(url=f"sqlite:///{data_dir / 'feedback.db'}", image_dir=data_dir / "images")
         ),
