@@ -110,7 +110,14 @@ def _settled(metrics_port: int, name: str) -> float:
 
 
 def served(
-    model_dir: Path, levels: list[int], requests: int, n: int, tokens: int, max_batch: int, num_cpus: float
+    model_dir: Path,
+    levels: list[int],
+    requests: int,
+    n: int,
+    tokens: int,
+    max_batch: int,
+    num_cpus: float,
+    batch_wait_s: float = 0.05,
 ) -> dict[int, dict]:
     import ray
     from ray import serve
@@ -128,7 +135,7 @@ def served(
         generator=GeneratorSettings(
             model=ModelSettings(path=model_dir),
             max_batch_size=max_batch,
-            batch_wait_timeout_s=0.05,
+            batch_wait_timeout_s=batch_wait_s,
             max_queued_requests=1024,
             num_cpus=num_cpus,
         ),
@@ -172,6 +179,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per candidate")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--num-cpus", type=float, default=2, help="Ray CPUs (= torch threads) of the replica")
+    parser.add_argument("--batch-wait", type=float, default=0.05, help="batch_wait_timeout_s of the server")
     args = parser.parse_args()
     model_dir = bench_model(args.model).resolve()
     print(
@@ -186,7 +194,14 @@ def main() -> None:
     for c, r in limit.items():
         print(f"  in-process batch {min(c, args.max_batch)}: {r}", flush=True)
     batched = served(
-        model_dir, args.levels, args.requests, args.n, args.tokens, args.max_batch, args.num_cpus
+        model_dir,
+        args.levels,
+        args.requests,
+        args.n,
+        args.tokens,
+        args.max_batch,
+        args.num_cpus,
+        args.batch_wait,
     )
     unbatched = served(
         model_dir,
