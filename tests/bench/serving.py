@@ -57,29 +57,32 @@ def _served(port: int, key: str, requests: int, concurrency: int, n: int, tokens
     from illume.client import IllumeClient
 
     latencies: list[float] = []
+    images = [_png(i) for i in range(requests)]
+    # One channel for all client threads, as a real load generator would keep.
+    client = IllumeClient(f"127.0.0.1:{port}", api_key=key)
 
     def one(i: int) -> int:
-        with IllumeClient(f"127.0.0.1:{port}", api_key=key) as client:
-            t = time.perf_counter()
-            reply = client.generate(
-                _png(i),
-                f"question {i}?",
-                "red",
-                n=n,
-                temperatures=[1.0],
-                max_new_tokens=tokens,
-                min_new_tokens=tokens,
-                seed=i,
-                ephemeral=True,
-                timeout=600,
-            )
-            latencies.append(time.perf_counter() - t)
-            return len(reply.candidates)
+        t = time.perf_counter()
+        reply = client.generate(
+            images[i],
+            f"question {i}?",
+            "red",
+            n=n,
+            temperatures=[1.0],
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            seed=i,
+            ephemeral=True,
+            timeout=600,
+        )
+        latencies.append(time.perf_counter() - t)
+        return len(reply.candidates)
 
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         candidates = sum(pool.map(one, range(requests)))
     seconds = time.perf_counter() - started
+    client.close()
     latencies.sort()
     return {
         "candidates_per_s": candidates / seconds,
