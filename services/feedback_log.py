@@ -9,7 +9,6 @@ InvalidRequest) propagate unchanged to the Ingress, which maps them to status co
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from typing import Any
 
 from ray import serve
@@ -20,7 +19,6 @@ from illume.store.types import (
     FeedbackStats,
     FeedbackSubmission,
     GenerationRecord,
-    NewCandidate,
 )
 from services import metrics
 from services.config import FeedbackLogSettings
@@ -38,36 +36,9 @@ class FeedbackLogDeployment:
     def store_settings(self) -> StoreSettings:
         return self.settings.store
 
-    async def record_generation(
-        self,
-        *,
-        namespace: str,
-        image: bytes,
-        question: str,
-        answer: str,
-        answer_generated: bool,
-        candidates: Sequence[NewCandidate],
-        sampling: dict[str, Any],
-        seed: int,
-        adapter_requested: str,
-        adapter_version: str,
-        model_id: str,
-        client_request_id: str = "",
-    ) -> GenerationRecord:
-        return await self.store.arecord_generation(
-            namespace=namespace,
-            image=image,
-            question=question,
-            answer=answer,
-            answer_generated=answer_generated,
-            candidates=candidates,
-            sampling=sampling,
-            seed=seed,
-            adapter_requested=adapter_requested,
-            adapter_version=adapter_version,
-            model_id=model_id,
-            client_request_id=client_request_id,
-        )
+    async def record_generation(self, **fields: Any) -> GenerationRecord:
+        """Store a generation; the fields are those of ``FeedbackStore.record_generation``."""
+        return await self.store.arecord_generation(**fields)
 
     async def submit_feedback(self, submission: FeedbackSubmission) -> FeedbackReceipt:
         receipt = await self.store.asubmit_feedback(submission)
