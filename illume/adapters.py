@@ -498,3 +498,38 @@ __all__ = [
     "sha256_json",
     "verify_adapter_dir",
 ]
+
+
+def publish_adapter(
+    registry: Any,
+    artifacts: ArtifactStore,
+    adapter_dir: str | Path,
+    *,
+    namespace: str,
+    key: str,
+    base_fingerprint: str,
+    snapshot_sha256: str,
+    parent_version: int,
+    train_config: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    code_version: str,
+    round_id: str = "",
+) -> Any:
+    """Write the manifest into ``adapter_dir``, store the directory under ``key`` and register it.
+
+    Returns the registry's record (the version number is the registry's). The LoRA config is read
+    from the directory's ``adapter_config.json``.
+    """
+    adapter_dir = Path(adapter_dir)
+    manifest = build_manifest(
+        adapter_dir,
+        base_fingerprint=base_fingerprint,
+        snapshot_sha256=snapshot_sha256,
+        parent_version=parent_version,
+        train_config=train_config,
+        lora_config=json.loads((adapter_dir / "adapter_config.json").read_text()),
+        metrics=metrics,
+        code_version=code_version,
+    )
+    uri = artifacts.put_dir(adapter_dir, key)
+    return registry.register(namespace, uri, manifest, round_id=round_id, parent_version=parent_version)

@@ -197,7 +197,7 @@ def _gate(
 
 def run_round(config: AppConfig, namespace: str, round_id: str) -> RoundRecord:
     """The whole round (see the module docstring); returns the final round record."""
-    from illume.adapters import build_manifest
+    from illume.adapters import publish_adapter
     from illume.artifacts import open_artifact_store
     from illume.models.loading import base_model_fingerprint
     from illume.training.from_store import judged_items
@@ -246,28 +246,25 @@ def run_round(config: AppConfig, namespace: str, round_id: str) -> RoundRecord:
         registry.update_round(round_id, "evaluating")
         decision, gate_count = _gate(config, store, namespace, adapter_dir, production)
         lap("evaluation")
-        manifest = build_manifest(
+        parent_version = production.version if production else 0
+        record = publish_adapter(
+            registry,
+            artifacts,
             adapter_dir,
+            namespace=namespace,
+            key=f"{namespace}/adapters/round-{round_id}",
             base_fingerprint=base_model_fingerprint(config.generator.model.path),
             snapshot_sha256=snapshot.sha256,
-            parent_version=production.version if production else 0,
+            parent_version=parent_version,
             train_config=config.tuning.train.model_dump(mode="json"),
-            lora_config=json.loads((adapter_dir / "adapter_config.json").read_text()),
             metrics={k: v for k, v in train_metrics.items() if isinstance(v, int | float)},
             code_version=_code_version(),
-        )
-        uri = artifacts.put_dir(adapter_dir, f"{namespace}/adapters/round-{round_id}")
-        record = registry.register(
-            namespace,
-            uri,
-            manifest,
             round_id=round_id,
-            parent_version=production.version if production else 0,
         )
         scores = {
             **trigger,
             "gate": {"candidate": decision.candidate, "production": decision.production, "items": gate_count},
-            "train": manifest.get("metrics", {}),
+            "train": record.manifest.get("metrics", {}),
             "timings": timings,
         }
         if decision.promote:

@@ -65,7 +65,7 @@ def _config(model_dir: Path, data: Path, dashboard_port: int, replicas: int):
 
 
 def _train_adapters(config, items, count: int) -> list[int]:
-    from illume.adapters import build_manifest
+    from illume.adapters import publish_adapter
     from illume.artifacts import open_artifact_store
     from illume.models.loading import base_model_fingerprint
     from illume.store import AdapterRegistry
@@ -91,21 +91,21 @@ def _train_adapters(config, items, count: int) -> list[int]:
     for seed in range(count):
         train = TrainConfig(epochs=1, max_steps=2, learning_rate=1e-2, seed=seed)
         out = Path(config.artifact_uri).parent / f"trained-{seed}"
-        result = train_round(
-            snapshot, train, model_dir=model_dir, image_loader=path_image_loader, out_dir=out
-        )
-        manifest = build_manifest(
-            result.adapter_dir,
+        train_round(snapshot, train, model_dir=model_dir, image_loader=path_image_loader, out_dir=out)
+        record = publish_adapter(
+            registry,
+            artifacts,
+            out,
+            namespace="default",
+            key=f"default/adapters/bench-{seed}",
             base_fingerprint=base_model_fingerprint(model_dir),
             snapshot_sha256=snapshot.sha256,
             parent_version=0,
             train_config=train.model_dump(mode="json"),
-            lora_config=json.loads((out / "adapter_config.json").read_text()),
             metrics={},
             code_version="bench",
         )
-        uri = artifacts.put_dir(out, f"default/adapters/bench-{seed}")
-        versions.append(registry.register("default", uri, manifest).version)
+        versions.append(record.version)
     return versions
 
 

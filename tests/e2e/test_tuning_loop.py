@@ -14,7 +14,7 @@ import grpc
 import psutil
 import pytest
 
-from illume.adapters import build_manifest
+from illume.adapters import publish_adapter
 from illume.artifacts import open_artifact_store
 from illume.generation import GenerateRequest, Generator, SamplingParams
 from illume.images import decode_image
@@ -111,18 +111,20 @@ def trained_versions(e2e_app, world, model_dir, tmp_path_factory) -> dict[int, P
         result = train_round(
             snapshot, config, model_dir=model_dir, image_loader=path_image_loader, out_dir=out
         )
-        manifest = build_manifest(
+        record = publish_adapter(
+            registry,
+            artifacts,
             result.adapter_dir,
+            namespace="default",
+            key=f"default/adapters/test-{seed}",
             base_fingerprint=base_model_fingerprint(model_dir),
             snapshot_sha256=snapshot.sha256,
             parent_version=0,
             train_config=config.model_dump(mode="json"),
-            lora_config=json.loads((result.adapter_dir / "adapter_config.json").read_text()),
             metrics={},
             code_version="test",
         )
-        uri = artifacts.put_dir(result.adapter_dir, f"default/adapters/test-{seed}")
-        versions[registry.register("default", uri, manifest).version] = result.adapter_dir
+        versions[record.version] = result.adapter_dir
     return versions
 
 
