@@ -14,6 +14,8 @@ import json
 import os
 import secrets
 import signal
+import socket
+import sys
 import threading
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from services.config import (
     DEFAULT_GRPC_MAX_MESSAGE_BYTES,
     SERVICER_FUNCTIONS,
     AppConfig,
+    TuningSettings,
     default_config,
 )
 
@@ -81,18 +84,49 @@ def start(config: AppConfig, grpc_port: int, num_cpus: int, dashboard: bool = Tr
     from services.app import build_app
 
     if not ray.is_initialized():
-        ray.init(
+        context = ray.init(
             num_cpus=num_cpus,
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
             log_to_driver=False,
             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}},
         )
+        config = with_local_jobs_api(config, context.dashboard_url)
     serve.start(
         http_options={"host": "127.0.0.1", "port": 0},
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS),
     )
     serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX)
+
+
+def with_local_jobs_api(config: AppConfig, dashboard_url: str | None) -> AppConfig:
+    """Point the default Jobs API address at the dashboard of the cluster started here.
+
+    The dashboard takes another port when 8265 is taken (another local cluster), and rounds
+    submitted to the default address would then fail or reach the wrong cluster. An address set
+    in the config on purpose is kept."""
+    default = TuningSettings.model_fields["jobs_api_address"].default
+    if not dashboard_url or config.tuning.jobs_api_address != default:
+        return config
+    tuning = config.tuning.model_copy(update={"jobs_api_address": f"http://{dashboard_url}"})
+    return config.model_copy(update={"tuning": tuning})
+
+
+def ensure_port_free(port: int) -> None:
+    """Refuse a gRPC port another process listens on.
+
+    gRPC binds with SO_REUSEPORT, so a second server on the same port would start and silently
+    share the connections with the first; a plain bind (no reuse) fails instead."""
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            probe = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            continue  # no IPv6 on this machine
+        with probe:
+            try:
+                probe.bind((host, port))
+            except OSError as error:
+                raise RuntimeError(f"gRPC port {port} is in use ({error.strerror})") from None
 
 
 def stop() -> None:
@@ -110,6 +144,11 @@ def run_forever(
     """``illume serve``: start, print the ready line, wait for Ctrl-C or SIGTERM, stop."""
     data_dir.mkdir(parents=True, exist_ok=True)
     config = local_config(data_dir, model_dir, config_file)
+    try:
+        ensure_port_free(grpc_port)
+    except RuntimeError as error:
+        print(f"illume serve: {error}; stop the other server or pass --grpc-port", file=sys.stderr)
+        return 2
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     try:

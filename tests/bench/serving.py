@@ -121,6 +121,7 @@ def served(
     max_batch: int,
     num_cpus: float,
     batch_wait_s: float = 0.05,
+    concurrent_batches: int = 1,
 ) -> dict[int, dict]:
     import ray
     from ray import serve
@@ -139,6 +140,7 @@ def served(
             model=ModelSettings(path=model_dir),
             max_batch_size=max_batch,
             batch_wait_timeout_s=batch_wait_s,
+            max_concurrent_batches=concurrent_batches,
             max_queued_requests=1024,
             num_cpus=num_cpus,
         ),
@@ -166,7 +168,8 @@ def served(
             batches = _counter(metrics_port, "ray_illume_batches_total") - before_batches
             result["mean_batch"] = (after_req - before_req) / batches if batches else 0.0
             results[level] = result
-            print(f"  served (max batch {max_batch}) concurrency {level}: {result}", flush=True)
+            shape = f"max batch {max_batch} x {concurrent_batches}"
+            print(f"  served ({shape}) concurrency {level}: {result}", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -183,6 +186,9 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--num-cpus", type=float, default=2, help="Ray CPUs (= torch threads) of the replica")
     parser.add_argument("--batch-wait", type=float, default=0.05, help="batch_wait_timeout_s of the server")
+    parser.add_argument(
+        "--concurrent-batches", type=int, default=1, help="max_concurrent_batches of the server"
+    )
     args = parser.parse_args()
     model_dir = bench_model(args.model).resolve()
     print(
@@ -190,12 +196,19 @@ def main() -> None:
         f"{args.requests} requests x {args.n} candidates x {args.tokens} tokens",
         flush=True,
     )
-    limit = {
-        c: in_process(model_dir, args.requests, min(c, args.max_batch), args.n, args.tokens)
-        for c in args.levels
-    }
-    for c, r in limit.items():
-        print(f"  in-process batch {min(c, args.max_batch)}: {r}", flush=True)
+
+    def limits(when: str) -> dict[int, dict]:
+        out = {
+            c: in_process(model_dir, args.requests, min(c, args.max_batch), args.n, args.tokens)
+            for c in args.levels
+        }
+        for c, r in out.items():
+            print(f"  in-process batch {min(c, args.max_batch)} ({when}): {r}", flush=True)
+        return out
+
+    # The in-process limit is measured before and after the served run and averaged, so a shared
+    # machine's drift in speed during the run lands on both sides of the ratio.
+    before = limits("before")
     batched = served(
         model_dir,
         args.levels,
@@ -205,7 +218,16 @@ def main() -> None:
         args.max_batch,
         args.num_cpus,
         args.batch_wait,
+        args.concurrent_batches,
     )
+    after = limits("after")
+    limit = {
+        c: {
+            "candidates_per_s": (before[c]["candidates_per_s"] + after[c]["candidates_per_s"]) / 2,
+            "threads": before[c]["threads"],
+        }
+        for c in args.levels
+    }
     unbatched = served(
         model_dir,
         [32] if 32 in args.levels else args.levels[-1:],
