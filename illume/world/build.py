@@ -21,7 +21,7 @@ from typing import Any
 
 from illume.data.vqax import VQAXItem, save_vqax
 from illume.world.language import gold_rationales
-from illume.world.questions import FAMILIES, YES_NO_FAMILIES, ask
+from illume.world.questions import FAMILIES, YES_NO_FAMILIES, Question, ask
 from illume.world.scene import WorldConfig, render_scene, sample_scene, scene_key
 from illume.world.vocab import lexicon
 
@@ -43,6 +43,22 @@ class WorldItem:
     facts: list[dict[str, Any]]
     rationales: tuple[str, ...]
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def asked(
+        cls, question_id: str, split: str, family: str, scene: dict[str, Any], question: Question
+    ) -> WorldItem:
+        """The item for ``question`` about ``scene``, with the gold rationales its facts give."""
+        return cls(
+            question_id=question_id,
+            split=split,
+            question=question.question,
+            answer=question.answer,
+            family=family,
+            scene=scene,
+            facts=question.facts,
+            rationales=tuple(gold_rationales(scene, family, question.facts)),
+        )
 
     @property
     def image_name(self) -> str:
@@ -92,18 +108,7 @@ def generate_split(
             if question is None:
                 continue
             used.add(key)
-            items.append(
-                WorldItem(
-                    question_id=f"{split}-{index:06d}",
-                    split=split,
-                    question=question.question,
-                    answer=question.answer,
-                    family=family,
-                    scene=scene,
-                    facts=question.facts,
-                    rationales=tuple(gold_rationales(scene, family, question.facts)),
-                )
-            )
+            items.append(WorldItem.asked(f"{split}-{index:06d}", split, family, scene, question))
             break
         else:
             raise RuntimeError(f"could not draw item {index} of {split} in {_MAX_ATTEMPTS} attempts")

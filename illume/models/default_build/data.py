@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from illume.world import FAMILIES, WorldConfig, WorldItem, generate, gold_rationales, render_scene
+from illume.world import FAMILIES, WorldConfig, WorldItem, generate, render_scene
 from illume.world.distractors import _true_statements, tagged_distractors
 from illume.world.language import a, attributes, landmark_text, np_text, predicate, the, unique_descriptions
 from illume.world.questions import YES_NO_FAMILIES, ask
@@ -78,18 +78,7 @@ def draw_items(
         question = ask(family, scene, rng, want)
         if question is None:
             continue
-        items.append(
-            WorldItem(
-                question_id=f"pt-{len(items)}",
-                split="pretrain",
-                question=question.question,
-                answer=question.answer,
-                family=family,
-                scene=scene,
-                facts=question.facts,
-                rationales=tuple(gold_rationales(scene, family, question.facts)),
-            )
-        )
+        items.append(WorldItem.asked(f"pt-{len(items)}", "pretrain", family, scene, question))
     return items
 
 
