@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 from services.auth import key_sha256
@@ -32,6 +33,8 @@ from services.config import (
 ROLES = ("client", "annotator", "admin")
 # Serve routes gRPC only to applications that have a route prefix (even though no HTTP is served).
 ROUTE_PREFIX = "/"
+# How long `illume serve` waits for a Ray cluster stopped just before to release its agent port.
+AGENT_PORT_WAIT_S = 30.0
 
 
 def ensure_local_keys(data_dir: Path) -> Path:
@@ -112,8 +115,8 @@ def with_local_jobs_api(config: AppConfig, dashboard_url: str | None) -> AppConf
     return config.model_copy(update={"tuning": tuning})
 
 
-def ensure_port_free(port: int) -> None:
-    """Refuse a gRPC port another process listens on.
+def ensure_port_free(port: int, name: str = "gRPC port") -> None:
+    """Refuse a port another process listens on.
 
     gRPC binds with SO_REUSEPORT, so a second server on the same port would start and silently
     share the connections with the first; a plain bind (no reuse) fails instead."""
@@ -126,7 +129,31 @@ def ensure_port_free(port: int) -> None:
             try:
                 probe.bind((host, port))
             except OSError as error:
-                raise RuntimeError(f"gRPC port {port} is in use ({error.strerror})") from None
+                raise RuntimeError(f"{name} {port} is in use ({error.strerror})") from None
+
+
+def wait_until_port_free(port: int, name: str, timeout_s: float, poll_s: float = 0.5) -> None:
+    """Wait up to ``timeout_s`` for ``port`` to be free (a cluster stopped just before may still
+    hold it); raise ``RuntimeError`` if it is still taken then."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ensure_port_free(port, name)
+            return
+        except RuntimeError:
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(poll_s)
+
+
+def ray_agent_port() -> int:
+    """The port of Ray's dashboard agent, which ``ray.init`` cannot change.
+
+    Two local clusters clash on it: the second one's agent serves no HTTP, its Jobs API answers
+    "No available agent to submit job", and every tuning round fails to start."""
+    from ray._private.ray_constants import DEFAULT_DASHBOARD_AGENT_LISTEN_PORT
+
+    return DEFAULT_DASHBOARD_AGENT_LISTEN_PORT
 
 
 def stop() -> None:
@@ -148,6 +175,15 @@ def run_forever(
         ensure_port_free(grpc_port)
     except RuntimeError as error:
         print(f"illume serve: {error}; stop the other server or pass --grpc-port", file=sys.stderr)
+        return 2
+    try:
+        wait_until_port_free(ray_agent_port(), "Ray's dashboard agent port", AGENT_PORT_WAIT_S)
+    except RuntimeError as error:
+        print(
+            f"illume serve: {error}: another local Ray cluster holds it, and this server's tuning "
+            "rounds could not submit their jobs; stop that cluster first",
+            file=sys.stderr,
+        )
         return 2
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())

@@ -42,7 +42,14 @@ def dashboard_port() -> int:
 def ray_cluster(metrics_port, dashboard_port):
     import ray
 
+    from services.local import ray_agent_port, wait_until_port_free
+
     if not ray.is_initialized():
+        try:
+            wait_until_port_free(ray_agent_port(), "Ray's dashboard agent port", timeout_s=30)
+        except RuntimeError as error:
+            # Without its agent the test cluster's Jobs API refuses every job (rounds fail).
+            pytest.fail(f"{error}: stop the other local Ray cluster (an `illume serve`?) first")
         ray.init(
             num_cpus=RAY_LOGICAL_CPUS,
             include_dashboard=True,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import socket
+import threading
 
 import pytest
 
-from services.local import ensure_port_free, local_config, with_local_jobs_api
+from services.local import ensure_port_free, local_config, wait_until_port_free, with_local_jobs_api
 
 
 def test_rounds_go_to_the_dashboard_of_the_cluster_started_here(tmp_path):
@@ -33,3 +34,26 @@ def test_a_port_another_server_listens_on_is_refused_even_with_reuseport():
     finally:
         listener.close()
     ensure_port_free(port)
+
+
+def _listener() -> tuple[socket.socket, int]:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    return listener, listener.getsockname()[1]
+
+
+def test_a_port_still_held_after_the_wait_is_refused_with_its_name():
+    listener, port = _listener()
+    try:
+        with pytest.raises(RuntimeError, match=f"agent port {port} is in use"):
+            wait_until_port_free(port, "agent port", timeout_s=0.3, poll_s=0.05)
+    finally:
+        listener.close()
+
+
+def test_a_port_released_during_the_wait_is_accepted():
+    # A cluster stopped just before `illume serve` starts releases its agent port a little later.
+    listener, port = _listener()
+    threading.Timer(0.3, listener.close).start()
+    wait_until_port_free(port, "agent port", timeout_s=5.0, poll_s=0.05)
