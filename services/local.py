@@ -56,6 +56,21 @@ def ensure_local_keys(data_dir: Path) -> Path:
     return hashed
 
 
+# The embedded model's replay pool: world questions of a seed no evaluation or simulation uses.
+REPLAY_WORLD_SEED = 7
+REPLAY_WORLD_ITEMS = 2000
+
+
+def default_replay_data(data_dir: Path) -> Path:
+    """The replay pool of the embedded default model (built under ``<data>/replay`` once)."""
+    from illume.world import build_world
+
+    path = data_dir / "replay" / "train.json"
+    if not path.is_file():
+        build_world(path.parent, {"train": REPLAY_WORLD_ITEMS, "val": 0, "test": 0}, seed=REPLAY_WORLD_SEED)
+    return path
+
+
 def local_config(data_dir: Path, model_dir: Path | None, config_file: Path | None) -> AppConfig:
     """The embedded default (or a YAML/JSON AppConfig file), with local keys wired in.
 
@@ -69,7 +84,8 @@ def local_config(data_dir: Path, model_dir: Path | None, config_file: Path | Non
     else:
         from illume.models.default import default_model_dir
 
-        config = default_config(data_dir, model_dir or default_model_dir(data_dir))
+        replay = default_replay_data(data_dir) if model_dir is None else None
+        config = default_config(data_dir, model_dir or default_model_dir(data_dir), replay)
     if config.auth.enabled and not config.auth.keys and config.auth.keys_file is None:
         config = config.model_copy(
             update={"auth": config.auth.model_copy(update={"keys_file": ensure_local_keys(data_dir)})}

@@ -4,7 +4,8 @@ Contract:
 - it never runs on a Serve replica: the LoopController submits it through the Ray Jobs API
   (``python -m services.tuner ...``) and ``illume tune`` runs the same body from a shell;
 - the snapshot is built from the feedback log (accepted rationales of every round so far,
-  answer-only replay rows, the rationale loss weight; held-out generations never enter it), saved
+  answer-only replay rows, topped up from the configured replay pool, the rationale loss weight;
+  held-out generations never enter it), saved
   immutably under its sha256 in the artifact store, and its row counts recorded on the round;
 - training is a ``TorchTrainer`` calling the core ``train_round`` on each worker (LoRA on the
   language model only); a round whose workers cannot be scheduled fails within
@@ -32,7 +33,7 @@ from typing import Any
 
 from illume.store import AdapterRegistry, FeedbackStore
 from illume.store.types import RoundRecord
-from illume.training.snapshot import Snapshot, build_snapshot
+from illume.training.snapshot import ReplayItem, Snapshot, build_snapshot
 from services.config import AppConfig
 
 log = logging.getLogger("illume.tuner")
@@ -79,6 +80,13 @@ def wait_for_resources(cpus: float, gpus: float, timeout_s: float) -> None:
         time.sleep(1.0)
 
 
+def replay_pool(replay_data: str | None) -> list[ReplayItem]:
+    """The configured replay pool (empty when none is configured)."""
+    from illume.training.replay import replay_pool_from_vqax
+
+    return replay_pool_from_vqax(replay_data) if replay_data else []
+
+
 def _train_worker(cfg: dict[str, Any]) -> None:
     """One Ray Train worker: the core train_round with Ray's model and loader preparation."""
     import ray.train
@@ -86,6 +94,7 @@ def _train_worker(cfg: dict[str, Any]) -> None:
 
     from illume.store import FeedbackStore, StoreSettings
     from illume.training.from_store import store_image_loader
+    from illume.training.replay import with_file_images
     from illume.training.round import TrainConfig, train_round
 
     store = FeedbackStore(StoreSettings.model_validate(cfg["store"]))
@@ -101,7 +110,7 @@ def _train_worker(cfg: dict[str, Any]) -> None:
             TrainConfig.model_validate(cfg["train"]),
             report,
             model_dir=cfg["model_dir"],
-            image_loader=store_image_loader(store),
+            image_loader=with_file_images(store_image_loader(store)),
             out_dir=out,
             parent_adapter=cfg.get("parent_adapter"),
             prepare_model=ray.train.torch.prepare_model,
@@ -218,7 +227,9 @@ def run_round(config: AppConfig, namespace: str, round_id: str) -> RoundRecord:
 
     try:
         registry.update_round(round_id, "snapshot")
-        snapshot = build_snapshot(judged_items(store, namespace), config.tuning.snapshot)
+        snapshot = build_snapshot(
+            judged_items(store, namespace), config.tuning.snapshot, replay_pool(config.tuning.replay_data)
+        )
         if not snapshot.rationale_rows:
             return registry.update_round(
                 round_id, "rejected", reason="no accepted rationales to train on yet"

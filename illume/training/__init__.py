@@ -14,6 +14,7 @@ from illume.training.round import (
 )
 from illume.training.snapshot import (
     JudgedItem,
+    ReplayItem,
     Snapshot,
     SnapshotConfig,
     SnapshotManifest,
@@ -25,6 +26,7 @@ from illume.training.snapshot import (
 
 __all__ = [
     "JudgedItem",
+    "ReplayItem",
     "RoundResult",
     "Snapshot",
     "SnapshotConfig",

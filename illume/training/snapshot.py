@@ -13,6 +13,11 @@ Contract (DESIGN.md section 2, "what is trained", "replay", "accumulation"):
   least one judgement whose answer was not judged wrong (the latest one judged right, else the
   latest unjudged one, gives the answer), drawn with a seeded RNG; about
   ``replay_ratio`` x the number of rationale rows, capped by how many such questions exist;
+- **replay pool** (optional): when the judged questions cannot give ``replay_ratio`` x the
+  rationale rows (a small feedback pool never can), answer rows are topped up from
+  ``replay_pool``, a fixed set of questions with known answers (``ReplayItem``; for example a
+  curated VQA set of the deployment's domain), drawn with a seeded RNG, never a question that was
+  judged; their source ids carry the prefix ``pool:``;
 - held-out items (the gate's split) and unjudged items never reach a row;
 - ``rationale_loss_weight = #answer rows / #rationale rows`` (the paper's), 1.0 when either count is 0;
 - prompts are ILLUME's: ``rationale_prompt(q, a)`` -> ``" " + rationale``, ``answer_prompt(q)`` ->
@@ -79,6 +84,16 @@ class JudgedItem:
         object.__setattr__(self, "feedback_ids", tuple(self.feedback_ids))
 
 
+@dataclass(frozen=True)
+class ReplayItem:
+    """A question with a known answer that may fill answer-only replay rows (see the contract)."""
+
+    item_id: str
+    image: str  # a reference the trainer's image loader resolves
+    question: str
+    answer: str
+
+
 class SnapshotConfig(BaseModel):
     """How a snapshot is built from judged items."""
 
@@ -127,6 +142,7 @@ class SnapshotManifest:
     wrong_answer_questions: int
     replay_candidates: int  # questions eligible for replay (before the draw)
     duplicates_dropped: int
+    pool_sources: tuple[str, ...] = ()  # replay-pool items drawn to top up the answer rows
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
@@ -211,8 +227,13 @@ def loss_weight(answer_rows: int, rationale_rows: int) -> float:
     return answer_rows / rationale_rows
 
 
-def build_snapshot(judged_items: Iterable[JudgedItem], config: SnapshotConfig | None = None) -> Snapshot:
-    """Build the snapshot of one round from the judged items of all rounds so far."""
+def build_snapshot(
+    judged_items: Iterable[JudgedItem],
+    config: SnapshotConfig | None = None,
+    replay_pool: Sequence[ReplayItem] = (),
+) -> Snapshot:
+    """Build the snapshot of one round from the judged items of all rounds so far (and the
+    replay pool, when the judged questions give too few answer rows)."""
     config = config or SnapshotConfig()
     items = list(judged_items)
     usable = [i for i in items if i.judged and not i.held_out]
@@ -260,7 +281,8 @@ def build_snapshot(judged_items: Iterable[JudgedItem], config: SnapshotConfig | 
                 if fid not in feedback_ids:
                     feedback_ids.append(fid)
     eligible = sorted(q for q in replay_source if q not in rationales)
-    wanted = min(len(eligible), round(config.replay_ratio * len(rationale_rows)))
+    wanted_total = round(config.replay_ratio * len(rationale_rows))
+    wanted = min(len(eligible), wanted_total)
     drawn = sorted(random.Random(f"illume-snapshot/{config.seed}").sample(eligible, wanted))
     answer_rows = [
         SnapshotRow(
@@ -271,6 +293,17 @@ def build_snapshot(judged_items: Iterable[JudgedItem], config: SnapshotConfig | 
             target=" " + replay_source[qid].answer.strip(),
         )
         for qid in drawn
+    ]
+    pool = _draw_pool(replay_pool, questions, wanted_total - len(answer_rows), config.seed)
+    answer_rows += [
+        SnapshotRow(
+            kind="answer",
+            source_id=f"pool:{item.item_id}",
+            image=item.image,
+            prompt=answer_prompt(item.question),
+            target=" " + item.answer.strip(),
+        )
+        for item in pool
     ]
     rows = tuple(rationale_rows + answer_rows)
     weight = loss_weight(len(answer_rows), len(rationale_rows))
@@ -285,6 +318,7 @@ def build_snapshot(judged_items: Iterable[JudgedItem], config: SnapshotConfig | 
         wrong_answer_questions=len(questions - set(replay_source)),
         replay_candidates=len(eligible),
         duplicates_dropped=duplicates,
+        pool_sources=tuple(item.item_id for item in pool),
     )
     return Snapshot(
         rows=rows,
@@ -295,8 +329,20 @@ def build_snapshot(judged_items: Iterable[JudgedItem], config: SnapshotConfig | 
     )
 
 
+def _draw_pool(
+    pool: Sequence[ReplayItem], judged_questions: set[str], wanted: int, seed: int
+) -> list[ReplayItem]:
+    """Up to ``wanted`` pool items (seeded, in item-id order), none of them a judged question."""
+    if wanted <= 0 or not pool:
+        return []
+    candidates = sorted((i for i in pool if i.item_id not in judged_questions), key=lambda i: i.item_id)
+    drawn = random.Random(f"illume-snapshot/{seed}/pool").sample(candidates, min(wanted, len(candidates)))
+    return sorted(drawn, key=lambda i: i.item_id)
+
+
 __all__ = [
     "JudgedItem",
+    "ReplayItem",
     "Snapshot",
     "SnapshotConfig",
     "SnapshotManifest",

@@ -58,6 +58,10 @@ def world(e2e_dir):
 
 
 def e2e_config(model_dir: Path, data: Path, dashboard_port: int) -> AppConfig:
+    # A replay pool (answered questions whose images the training workers read from disk): every
+    # judged question below gets an accepted rationale, so all answer rows come from it.
+    replay = data / "replay"
+    build_world(replay, {"train": 24, "val": 0, "test": 0}, seed=5)
     return AppConfig(
         generator=GeneratorSettings(
             model=ModelSettings(path=model_dir),
@@ -85,6 +89,7 @@ def e2e_config(model_dir: Path, data: Path, dashboard_port: int) -> AppConfig:
                 min_items=0, allow_empty=True, default_tolerance=1e6, tokenize=False, max_new_tokens=16
             ),
             storage_path=str(data / "ray-train"),
+            replay_data=str(replay / "train.json"),
         ),
     )
 

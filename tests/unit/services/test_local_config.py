@@ -57,3 +57,10 @@ def test_a_port_released_during_the_wait_is_accepted():
     listener, port = _listener()
     threading.Timer(0.3, listener.close).start()
     wait_until_port_free(port, "agent port", timeout_s=5.0, poll_s=0.05)
+
+
+def test_the_embedded_model_gets_a_replay_pool_and_a_model_of_ones_own_does_not(tmp_path):
+    embedded = local_config(tmp_path, None, None)
+    assert embedded.tuning.replay_data == str(tmp_path.resolve() / "replay" / "train.json")
+    assert (tmp_path / "replay" / "train.json").is_file()
+    assert local_config(tmp_path, tmp_path, None).tuning.replay_data is None

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from illume.training import JudgedItem, Snapshot, SnapshotConfig, build_snapshot, loss_weight
+from illume.training import JudgedItem, ReplayItem, Snapshot, SnapshotConfig, build_snapshot, loss_weight
 
 
 def _item(qid: str, accepted=(), **kw) -> JudgedItem:
@@ -56,6 +56,38 @@ def test_replay_is_capped_by_what_exists_and_seeded():
     draws = {build_snapshot(many, SnapshotConfig(seed=s)).manifest.answer_sources for s in range(4)}
     assert len(draws) > 1  # the seed picks the replay questions
     assert build_snapshot(many, SnapshotConfig(seed=1)) == build_snapshot(many, SnapshotConfig(seed=1))
+
+
+def _replay_pool(n: int, prefix: str = "r") -> list[ReplayItem]:
+    return [
+        ReplayItem(f"{prefix}{i:03d}", f"file:/pool/{i}.png", f"how many things {i}?", "2") for i in range(n)
+    ]
+
+
+def test_the_replay_pool_tops_up_answer_rows_to_the_ratio_and_never_repeats_a_judged_question():
+    items = _pool({"a": ["x is red"], "b": ["y is red"]}, plain=5)  # 5 judged replay candidates
+    pool = [*_replay_pool(40), ReplayItem("p001", "file:/pool/judged.png", "a judged question?", "yes")]
+    snap = build_snapshot(items, replay_pool=pool)
+    answer = [r for r in snap.rows if r.kind == "answer"]
+    assert (snap.rationale_rows, snap.answer_rows) == (2, 20)  # 10x, as the paper's replay
+    assert snap.rationale_loss_weight == 10.0
+    judged_rows = [r for r in answer if not r.source_id.startswith("pool:")]
+    assert len(judged_rows) == 5  # the judged questions come first
+    pooled = [r for r in answer if r.source_id.startswith("pool:")]
+    assert len(pooled) == 15 and "pool:p001" not in {r.source_id for r in pooled}
+    assert all(r.prompt.startswith("Q: how many things") and r.target == " 2" for r in pooled)
+    assert all(r.image.startswith("file:/pool/") for r in pooled)
+    assert snap.manifest.pool_sources == tuple(r.source_id.removeprefix("pool:") for r in pooled)
+    assert build_snapshot(items, replay_pool=pool) == snap  # seeded
+    assert build_snapshot(items, replay_pool=pool).sha256 != build_snapshot(items).sha256
+    # Enough judged questions: the pool is not touched. No rationale: no replay at all.
+    assert build_snapshot(_pool({"a": ["x"]}, plain=30), replay_pool=pool).manifest.pool_sources == ()
+    assert build_snapshot(_pool({}, plain=3), replay_pool=pool).answer_rows == 0
+
+
+def test_a_snapshot_with_pool_rows_round_trips_through_json(tmp_path):
+    snap = build_snapshot(_pool({"a": ["x is red"]}, plain=1), replay_pool=_replay_pool(20))
+    assert Snapshot.load(snap.save(tmp_path / "s.json")) == snap
 
 
 def test_weight_without_answer_rows_or_rationales():

@@ -1,0 +1,53 @@
+"""The replay pool: questions with known answers that keep a round's answer rows at the ratio.
+
+Contract:
+
+- ``replay_pool_from_vqax(path)`` reads a VQA-X JSON file (images beside it, as ``build_world``
+  writes them) into ``ReplayItem``s: the majority answer, and the image as ``file:<absolute
+  path>``; items without an answer are skipped;
+- ``with_file_images(loader)`` wraps an image loader so that ``file:`` references are read from
+  disk (every training worker must be able to read that path) and every other reference goes to
+  ``loader`` (image sha256s of the feedback store).
+
+Why: ILLUME mixes about ten answer-only rows into every rationale row so that answer accuracy does
+not fall. A served deployment judges few questions per round, so the judged questions alone give
+one or two; ``build_snapshot`` tops the rest up from this pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from PIL import Image
+
+from illume.data import load_vqax
+from illume.training.snapshot import ReplayItem
+
+FILE_PREFIX = "file:"
+
+
+def replay_pool_from_vqax(path: str | Path) -> list[ReplayItem]:
+    """The answered questions of a VQA-X file as replay items."""
+    return [
+        ReplayItem(
+            item_id=item.question_id,
+            image=FILE_PREFIX + str(Path(item.image_path).resolve()),
+            question=item.question,
+            answer=item.answer,
+        )
+        for item in load_vqax(path)
+        if item.answer
+    ]
+
+
+def with_file_images(loader: Callable[[str], Image.Image]) -> Callable[[str], Image.Image]:
+    """``loader`` that also reads ``file:`` references from disk."""
+
+    def load(ref: str) -> Image.Image:
+        if ref.startswith(FILE_PREFIX):
+            with Image.open(ref.removeprefix(FILE_PREFIX)) as image:
+                return image.convert("RGB")
+        return loader(ref)
+
+    return load
