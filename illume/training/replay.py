@@ -6,8 +6,9 @@ Contract:
   writes them) into ``ReplayItem``s: the majority answer, and the image as ``file:<absolute
   path>``; items without an answer are skipped;
 - ``with_file_images(loader)`` wraps an image loader so that ``file:`` references are read from
-  disk (every training worker must be able to read that path) and every other reference goes to
-  ``loader`` (image sha256s of the feedback store).
+  disk by ``path_image_loader`` (decoded like a client image; every training worker must be able
+  to read that path) and every other reference goes to ``loader`` (image sha256s of the feedback
+  store).
 
 Why: ILLUME mixes about ten answer-only rows into every rationale row so that answer accuracy does
 not fall. A served deployment judges few questions per round, so the judged questions alone give
@@ -22,6 +23,7 @@ from pathlib import Path
 from PIL import Image
 
 from illume.data import load_vqax
+from illume.training.round import path_image_loader
 from illume.training.snapshot import ReplayItem
 
 FILE_PREFIX = "file:"
@@ -46,8 +48,7 @@ def with_file_images(loader: Callable[[str], Image.Image]) -> Callable[[str], Im
 
     def load(ref: str) -> Image.Image:
         if ref.startswith(FILE_PREFIX):
-            with Image.open(ref.removeprefix(FILE_PREFIX)) as image:
-                return image.convert("RGB")
+            return path_image_loader(ref.removeprefix(FILE_PREFIX))
         return loader(ref)
 
     return load

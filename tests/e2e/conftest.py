@@ -58,8 +58,8 @@ def world(e2e_dir):
 
 
 def e2e_config(model_dir: Path, data: Path, dashboard_port: int) -> AppConfig:
-    # A replay pool (answered questions whose images the training workers read from disk): every
-    # judged question below gets an accepted rationale, so all answer rows come from it.
+    # A replay pool (answered questions whose images the training workers read from disk): the
+    # judged questions mostly get an accepted rationale, so most answer rows come from it.
     replay = data / "replay"
     build_world(replay, {"train": 24, "val": 0, "test": 0}, seed=5)
     return AppConfig(
