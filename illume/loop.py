@@ -10,7 +10,9 @@ Contract (``run_loop(model_dir, train_items, val_items, config, out_dir=...)``):
 - a simulated critic (``fact``: the world's fact checker; ``rouge_l``: the paper's ROUGE-L >= 0.7
   against the gold explanations) judges every candidate; each judged question becomes a
   ``JudgedItem`` and stays in the history (accumulation);
-- the snapshot is built from the whole history (``build_snapshot``), an adapter is trained on it
+- the snapshot is built from the whole history (``build_snapshot``); with ``replay_pool`` the pool's
+  questions that were not judged (their answers are known) top the answer-only rows up to the
+  snapshot's ``replay_ratio``, as ILLUME's answer replay does; then an adapter is trained on it
   (``train_round``; from the base model by default, from round k-1's adapter with
   ``train.init_from="parent"``), loaded into the sampling model as ``round-k`` and evaluated on the
   validation items (``evaluate_generator``);
@@ -37,7 +39,7 @@ from illume.data.vqax import VQAXItem
 from illume.evaluation import EvalReport, critic_input, evaluate_generator, load_image
 from illume.generation import GenerateRequest, Generator, SamplingParams, chunked
 from illume.training.round import TrainConfig, load_adapter_model, train_round
-from illume.training.snapshot import JudgedItem, SnapshotConfig, build_snapshot
+from illume.training.snapshot import JudgedItem, ReplayItem, SnapshotConfig, build_snapshot
 
 CriticName = Literal["fact", "rouge_l"]
 
@@ -71,6 +73,10 @@ class LoopConfig(BaseModel):
     meteor: bool = Field(True, description="Compute METEOR (Java) in evaluations.")
     seed: int = Field(0, description="Seed of the pool draw, the sampling and the snapshots.")
     snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
+    replay_pool: bool = Field(
+        True,
+        description="Top the answer-only rows up from the pool's unjudged questions (answers known).",
+    )
     train: TrainConfig = Field(default_factory=TrainConfig)
     device: str = Field("auto", description="Device of the sampling/evaluation model.")
 
@@ -187,6 +193,15 @@ def judge_pool(
     return judged
 
 
+def replay_items(items: Sequence[VQAXItem]) -> list[ReplayItem]:
+    """The answered questions of ``items`` as replay items (images by path, as judged items)."""
+    return [
+        ReplayItem(item_id=i.question_id, image=str(i.image_path), question=i.question, answer=i.answer)
+        for i in items
+        if i.answer
+    ]
+
+
 def _install_adapter(generator: Generator, adapter_dir: Path, name: str, keep: int = 2) -> None:
     """Load an adapter under a new name (never overwriting one); drop the oldest beyond ``keep``."""
     from peft import PeftModel
@@ -226,6 +241,7 @@ def run_loop(
     eval_critics = [make_critic(c, config.rouge_threshold) for c in config.eval_critics]
     pool = sorted(train_items, key=lambda i: _seed(config.seed, "pool", i.question_id))[: config.pool_size]
     val = list(val_items)[: config.val_limit] if config.val_limit else list(val_items)
+    replay = replay_items(pool) if config.replay_pool else []
 
     def evaluate_now(adapter: str | None) -> EvalReport:
         return evaluate_generator(
@@ -268,7 +284,7 @@ def run_loop(
         sample_seconds = time.perf_counter() - t0
         history.extend(judged)
         snapshot = build_snapshot(
-            history, config.snapshot.model_copy(update={"seed": config.snapshot.seed + k})
+            history, config.snapshot.model_copy(update={"seed": config.snapshot.seed + k}), replay
         )
         snapshot.save(round_dir / "snapshot.json")
         trained = snapshot.rationale_rows > 0
@@ -361,4 +377,4 @@ def table_line(r: RoundRecord) -> str:
     return " ".join(f"{c!s:>8}" for c in cells) + "  " + format_val(r.val)
 
 
-__all__ = ["LoopConfig", "LoopResult", "RoundRecord", "judge_pool", "make_critic", "run_loop"]
+__all__ = ["LoopConfig", "LoopResult", "RoundRecord", "judge_pool", "make_critic", "replay_items", "run_loop"]

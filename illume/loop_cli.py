@@ -59,6 +59,7 @@ def cmd_loop(args: argparse.Namespace) -> int:
         meteor=not args.no_meteor,
         seed=args.seed,
         snapshot=SnapshotConfig(replay_ratio=args.replay_ratio, seed=args.seed),
+        replay_pool=not args.no_replay_pool,
         train=train_config,
         device=args.device,
     )
@@ -90,6 +91,11 @@ def add_loop_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
     p.add_argument("--replay-ratio", type=float, default=10.0, help="answer rows per rationale row")
+    p.add_argument(
+        "--no-replay-pool",
+        action="store_true",
+        help="answer rows from judged questions only (default: topped up from the pool's other questions)",
+    )
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-4, help="constant learning rate")
     p.add_argument("--train-batch-size", type=int, default=8)

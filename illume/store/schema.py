@@ -24,6 +24,8 @@ table definitions below updated to match).
 from __future__ import annotations
 
 import hashlib
+import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,6 +345,24 @@ def create_store_engine(settings: StoreSettings) -> Engine:
     return _postgres_engine(settings)
 
 
+def _switch_to_wal(cursor: Any, timeout_s: float) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another connection holds the lock.
+
+    Why: on a new database file the switch needs an exclusive lock and SQLite answers "database is
+    locked" at once instead of calling the busy handler, so connections opened together (several
+    openers of one store) would fail. The mode is stored in the file, so later connections only read it.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+
+
 def _sqlite_engine(settings: StoreSettings) -> Engine:
     url = make_url(settings.url)
     if not url.database or url.database == ":memory:":
@@ -364,7 +384,7 @@ def _sqlite_engine(settings: StoreSettings) -> Engine:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout={busy}")
-        cur.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(cur, busy / 1000)
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()

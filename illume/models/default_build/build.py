@@ -27,7 +27,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,27 +75,118 @@ class Stage:
     max_objects: int = 6
     # Weights of the distractor kinds (irrelevant, wrong_answer, partly_false) in rationale rows.
     distractor_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # Put the question's words under the loss too, not just what follows "A:".
+    question_loss: bool = False
+
+
+# Family weights (attribute, existence, count, spatial, comparison) of the stages that drill the
+# two-hop families: finding the objects that two descriptions denote is what takes steps.
+_TWO_HOP = (1, 1, 1, 3, 3)
+_FOCUS = (0.5, 0.5, 0.5, 1.5, 3.5)
+_SPATIAL = (0.5, 0.5, 0.5, 4, 1.5)
+# Numbers below are written as the shipped build's checkpoint hashed them (0 and 0.0 hash
+# differently in BuildConfig.digest), so `make default-model` resumes that checkpoint.
+
+
+def _drill(name: str, max_objects: int, steps: int, family_weights: tuple[float, ...]) -> Stage:
+    """A stage of answer rows only, in scenes of at most ``max_objects``, families as weighted."""
+    return Stage(
+        f"{name}-{max_objects}",
+        steps=steps,
+        lr=5e-4,
+        warmup=20,
+        mix=(1, 0, 0, 0),
+        embed_weight=1.0,
+        max_objects=max_objects,
+        family_weights=family_weights,
+        question_loss=True,
+    )
 
 
 DEFAULT_STAGES = (
     # 1. The vision tower alone, on dense per-cell labels (colour, shape, size or empty; row, col).
     Stage("vision", steps=80, lr=2e-3, warmup=20, lm=False),
     # 2. Scenes of one or two objects: captions and answers; patch tokens pulled towards the word
-    #    embeddings of what they show, so words and patches meet in one space.
-    Stage("small", steps=400, lr=1e-3, warmup=100, mix=(0.5, 0.0, 0.0, 0.5), embed_weight=1.0, max_objects=2),
-    # 3. Full scenes (1-6 objects): captions and answers, the harder families a little more often.
+    #    embeddings of what they show, so words and patches meet in one space. From here on the
+    #    question's words are under the loss too.
     Stage(
-        "answers",
-        steps=2500,
+        "small",
+        steps=400,
         lr=1e-3,
-        warmup=30,
+        warmup=100,
         mix=(0.5, 0.0, 0.0, 0.5),
         embed_weight=1.0,
-        family_weights=(1, 1, 1.5, 1.5, 1.5),
+        max_objects=2,
+        question_loss=True,
     ),
-    # 4. The "seeing that" text: distractor rationales (never gold), a few random true statements,
-    #    answers and captions kept in the mix.
-    Stage("rationales", steps=400, lr=5e-4, warmup=30, mix=(0.35, 0.45, 0.1, 0.1), embed_weight=1.0),
+    # 3-4. Scenes that grow to three, then four objects; three answer rows in four, the two-hop
+    #    families weighted up: a description now has to pick its object out of several.
+    *(
+        Stage(
+            f"grow-{n}",
+            steps=steps,
+            lr=1e-3,
+            warmup=30,
+            mix=(0.75, 0, 0, 0.25),
+            embed_weight=1.0,
+            max_objects=n,
+            family_weights=_TWO_HOP,
+            question_loss=True,
+        )
+        for n, steps in ((3, 500), (4, 700))
+    ),
+    # 5. Full scenes (1-6 objects): answers and captions, the two-hop families still weighted up.
+    Stage(
+        "answers",
+        steps=1800,
+        lr=1e-3,
+        warmup=30,
+        mix=(0.6, 0, 0, 0.4),
+        embed_weight=1.0,
+        family_weights=(1, 1, 1, 2.5, 2.5),
+        question_loss=True,
+    ),
+    # 6-8. Focused drill: answer rows only, mostly comparison and spatial, scenes of 2, 3, 4 objects.
+    *(_drill("focus", n, steps, _FOCUS) for n, steps in ((2, 100), (3, 300), (4, 300))),
+    # 9-11. The same drill for spatial questions, in scenes of 3, 4 and up to 6 objects.
+    *(_drill("spatial", n, 300, _SPATIAL) for n in (3, 4, 6)),
+    # 12. Full scenes again, answers and captions, so the other families come back.
+    Stage(
+        "consolidate",
+        steps=400,
+        lr=5e-4,
+        warmup=20,
+        mix=(0.6, 0, 0, 0.4),
+        embed_weight=1.0,
+        family_weights=(1, 1, 1, 1.5, 1.5),
+        question_loss=True,
+    ),
+    # 13. The "seeing that" text: distractor rationales (never gold), a few random true statements,
+    #    answers and captions kept in the mix; spatial questions, which this stage unlearns fastest,
+    #    weighted up.
+    Stage(
+        "rationales",
+        steps=400,
+        lr=3e-4,
+        warmup=30,
+        mix=(0.35, 0.45, 0.1, 0.1),
+        embed_weight=1.0,
+        family_weights=(1, 1, 1, 3, 1.5),
+        question_loss=True,
+    ),
+    # 14-15. A last spatial drill and a short rationale stage at a low LR: the full-scene stages
+    #    above take back part of what the spatial drill taught; this keeps more of it.
+    replace(_drill("spatial", 6, 400, _SPATIAL), name="spatial-6b", lr=3e-4),
+    Stage(
+        "rationales-2",
+        steps=200,
+        lr=2e-4,
+        warmup=20,
+        mix=(0.35, 0.45, 0.1, 0.1),
+        embed_weight=1.0,
+        family_weights=(1, 1, 1, 3, 1.5),
+        question_loss=True,
+    ),
 )
 
 # Fields that do not change the weights (left out of the checkpoint digests).
@@ -298,7 +389,7 @@ def batch_for(config: BuildConfig, stage_index: int, step: int, encoder: TextEnc
     items = draw_items(rng, config.batch_size, stage.family_weights, reserved, world)
     kinds = rng.choices(KINDS, weights=stage.mix, k=len(items))
     weights = dict(zip(("irrelevant", "wrong_answer", "partly_false"), stage.distractor_weights, strict=True))
-    return make_batch(items, kinds, rng, encoder, weights)
+    return make_batch(items, kinds, rng, encoder, weights, stage.question_loss)
 
 
 def training_loss(model, heads, capture: _Capture, batch: Batch, stage: Stage) -> tuple[torch.Tensor, dict]:

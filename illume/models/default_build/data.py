@@ -20,7 +20,9 @@ Each row is one item (a rendered scene and a question of one of the five familie
   statements (attributes, relations, counts) joined by commas, + EOS. This is the dense grounding
   signal (every word depends on the image) that teaches the language model to read the patches.
 
-The loss covers only the continuation after ``A:`` (all the text, for captions). Every row also
+The loss covers the continuation after ``A:`` (all the text, for captions), and the question's
+words too in stages that ask for it: predicting "circle" after "the small" means looking up which
+object a half-read description denotes, the lookup that spatial and comparison questions need. Every row also
 carries dense per-cell labels from the scene graph (colour, shape, size or empty for each of the
 4x4 cells), the curriculum signal of the vision tower's auxiliary heads.
 """
@@ -161,7 +163,11 @@ class TextEncoder:
         self.image_tokens = image_tokens
         self.image_id = tokenizer.convert_tokens_to_ids("<image>")
 
-    def encode(self, prompts: Sequence[str], continuations: Sequence[str]) -> tuple[torch.Tensor, ...]:
+    def encode(
+        self, prompts: Sequence[str], continuations: Sequence[str], question_loss: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        """(input ids, attention mask, labels). The labels cover the continuation, and the prompt
+        too when ``question_loss`` is set."""
         tok = self.tokenizer
         p_ids = tok(list(prompts), add_special_tokens=False)["input_ids"]
         c_ids = tok(list(continuations), add_special_tokens=False)["input_ids"]
@@ -170,7 +176,8 @@ class TextEncoder:
         for p, c in zip(p_ids, c_ids, strict=True):
             tail = [*c, tok.eos_token_id]
             rows.append(head + p + tail)
-            labels.append([-100] * (len(head) + len(p)) + tail)
+            asked = p if question_loss else [-100] * len(p)
+            labels.append([-100] * len(head) + asked + tail)
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
         lab = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -188,8 +195,10 @@ def make_batch(
     rng: random.Random,
     encoder: TextEncoder,
     distractor_weights: dict[str, float] | None = None,
+    question_loss: bool = False,
 ) -> Batch:
-    """One batch: each item paired with a text of its kind (see ``KINDS``)."""
+    """One batch: each item paired with a text of its kind (see ``KINDS``); ``question_loss`` puts
+    the question words under the loss as well."""
     prompts, conts = [], []
     for item, kind in zip(items, kinds, strict=True):
         if kind == "caption":
@@ -211,6 +220,6 @@ def make_batch(
             if truths:
                 rationale = rng.choice(truths)
         conts.append(f" {item.answer}" if rationale is None else f" {item.answer}, seeing that {rationale}")
-    ids, mask, labels = encoder.encode(prompts, conts)
+    ids, mask, labels = encoder.encode(prompts, conts, question_loss)
     cells = torch.from_numpy(np.stack([cell_labels(i.scene) for i in items]))
     return Batch(pixel_values([i.scene for i in items]), ids, mask, labels, cells, [i.family for i in items])

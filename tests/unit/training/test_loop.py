@@ -54,6 +54,14 @@ def test_two_rounds_accumulate_train_and_sample_with_the_previous_adapter(
     snap1 = Snapshot.load(tmp_path / "round-1" / "snapshot.json")
     rows0 = {(r.source_id, r.target) for r in snap0.rows if r.kind == "rationale"}
     assert rows0 <= {(r.source_id, r.target) for r in snap1.rows if r.kind == "rationale"}
+    # The answer rows are topped up from the pool's questions that were not judged that round
+    # (8 in the pool, 6 judged: 2 left).
+    m0 = snap0.manifest
+    judged0 = set(m0.rationale_sources) | set(m0.answer_sources)
+    wanted = min(2, first.rationale_rows - len(m0.answer_sources))
+    assert wanted > 0 and len(m0.pool_sources) == wanted
+    assert not set(m0.pool_sources) & judged0
+    assert set(m0.pool_sources) <= {i.question_id for i in tiny_world["train"]}
     assert (tmp_path / "round-1" / "adapter" / "adapter_model.safetensors").is_file()
     assert 0.0 <= second.val["answer_accuracy"] <= 1.0 and "rouge_l" in second.val["acceptance_per_question"]
     assert len(lines) == 3 and lines[1].split()[0] == "0"  # header + one line per round
