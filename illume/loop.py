@@ -38,8 +38,9 @@ from illume.critics import Critic, FactCritic, RougeLCritic
 from illume.data.vqax import VQAXItem
 from illume.evaluation import EvalReport, critic_input, evaluate_generator, load_image
 from illume.generation import GenerateRequest, Generator, SamplingParams, chunked
+from illume.training.replay import replay_items
 from illume.training.round import TrainConfig, load_adapter_model, train_round
-from illume.training.snapshot import JudgedItem, ReplayItem, SnapshotConfig, build_snapshot
+from illume.training.snapshot import JudgedItem, SnapshotConfig, build_snapshot
 
 CriticName = Literal["fact", "rouge_l"]
 
@@ -193,15 +194,6 @@ def judge_pool(
     return judged
 
 
-def replay_items(items: Sequence[VQAXItem]) -> list[ReplayItem]:
-    """The answered questions of ``items`` as replay items (images by path, as judged items)."""
-    return [
-        ReplayItem(item_id=i.question_id, image=str(i.image_path), question=i.question, answer=i.answer)
-        for i in items
-        if i.answer
-    ]
-
-
 def _install_adapter(generator: Generator, adapter_dir: Path, name: str, keep: int = 2) -> None:
     """Load an adapter under a new name (never overwriting one); drop the oldest beyond ``keep``."""
     from peft import PeftModel
@@ -241,6 +233,7 @@ def run_loop(
     eval_critics = [make_critic(c, config.rouge_threshold) for c in config.eval_critics]
     pool = sorted(train_items, key=lambda i: _seed(config.seed, "pool", i.question_id))[: config.pool_size]
     val = list(val_items)[: config.val_limit] if config.val_limit else list(val_items)
+    # Plain paths: the loop trains with the default image loader, which reads them from disk.
     replay = replay_items(pool) if config.replay_pool else []
 
     def evaluate_now(adapter: str | None) -> EvalReport:
@@ -377,4 +370,4 @@ def table_line(r: RoundRecord) -> str:
     return " ".join(f"{c!s:>8}" for c in cells) + "  " + format_val(r.val)
 
 
-__all__ = ["LoopConfig", "LoopResult", "RoundRecord", "judge_pool", "make_critic", "replay_items", "run_loop"]
+__all__ = ["LoopConfig", "LoopResult", "RoundRecord", "judge_pool", "make_critic", "run_loop"]

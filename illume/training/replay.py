@@ -2,6 +2,8 @@
 
 Contract:
 
+- ``replay_items(items, prefix)`` turns answered VQA-X items into ``ReplayItem``s: the majority
+  answer, and the image as ``prefix`` + its absolute path; items without an answer are skipped;
 - ``replay_pool_from_vqax(path)`` reads a VQA-X JSON file (images beside it, as ``build_world``
   writes them) into ``ReplayItem``s: the majority answer, and the image as ``file:<absolute
   path>``; items without an answer are skipped;
@@ -17,30 +19,36 @@ one or two; ``build_snapshot`` tops the rest up from this pool.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from PIL import Image
 
 from illume.data import load_vqax
+from illume.data.vqax import VQAXItem
 from illume.training.round import path_image_loader
 from illume.training.snapshot import ReplayItem
 
 FILE_PREFIX = "file:"
 
 
-def replay_pool_from_vqax(path: str | Path) -> list[ReplayItem]:
-    """The answered questions of a VQA-X file as replay items."""
+def replay_items(items: Iterable[VQAXItem], prefix: str = "") -> list[ReplayItem]:
+    """The answered questions of ``items`` as replay items (image: ``prefix`` + absolute path)."""
     return [
         ReplayItem(
             item_id=item.question_id,
-            image=FILE_PREFIX + str(Path(item.image_path).resolve()),
+            image=prefix + str(Path(item.image_path).resolve()),
             question=item.question,
             answer=item.answer,
         )
-        for item in load_vqax(path)
+        for item in items
         if item.answer
     ]
+
+
+def replay_pool_from_vqax(path: str | Path) -> list[ReplayItem]:
+    """The answered questions of a VQA-X file as replay items, images as ``file:`` references."""
+    return replay_items(load_vqax(path), FILE_PREFIX)
 
 
 def with_file_images(loader: Callable[[str], Image.Image]) -> Callable[[str], Image.Image]:

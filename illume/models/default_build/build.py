@@ -103,6 +103,19 @@ def _drill(name: str, max_objects: int, steps: int, family_weights: tuple[float,
     )
 
 
+# The "seeing that" text: distractor rationales (never gold), a few random true statements, answers
+# and captions kept in the mix; spatial questions, which this stage unlearns fastest, weighted up.
+_RATIONALES = Stage(
+    "rationales",
+    steps=400,
+    lr=3e-4,
+    warmup=30,
+    mix=(0.35, 0.45, 0.1, 0.1),
+    embed_weight=1.0,
+    family_weights=(1, 1, 1, 3, 1.5),
+    question_loss=True,
+)
+
 DEFAULT_STAGES = (
     # 1. The vision tower alone, on dense per-cell labels (colour, shape, size or empty; row, col).
     Stage("vision", steps=80, lr=2e-3, warmup=20, lm=False),
@@ -161,32 +174,12 @@ DEFAULT_STAGES = (
         family_weights=(1, 1, 1, 1.5, 1.5),
         question_loss=True,
     ),
-    # 13. The "seeing that" text: distractor rationales (never gold), a few random true statements,
-    #    answers and captions kept in the mix; spatial questions, which this stage unlearns fastest,
-    #    weighted up.
-    Stage(
-        "rationales",
-        steps=400,
-        lr=3e-4,
-        warmup=30,
-        mix=(0.35, 0.45, 0.1, 0.1),
-        embed_weight=1.0,
-        family_weights=(1, 1, 1, 3, 1.5),
-        question_loss=True,
-    ),
+    # 13. The "seeing that" text (see _RATIONALES).
+    _RATIONALES,
     # 14-15. A last spatial drill and a short rationale stage at a low LR: the full-scene stages
     #    above take back part of what the spatial drill taught; this keeps more of it.
     replace(_drill("spatial", 6, 400, _SPATIAL), name="spatial-6b", lr=3e-4),
-    Stage(
-        "rationales-2",
-        steps=200,
-        lr=2e-4,
-        warmup=20,
-        mix=(0.35, 0.45, 0.1, 0.1),
-        embed_weight=1.0,
-        family_weights=(1, 1, 1, 3, 1.5),
-        question_loss=True,
-    ),
+    replace(_RATIONALES, name="rationales-2", steps=200, lr=2e-4, warmup=20),
 )
 
 # Fields that do not change the weights (left out of the checkpoint digests).

@@ -22,9 +22,9 @@ Each row is one item (a rendered scene and a question of one of the five familie
 
 The loss covers the continuation after ``A:`` (all the text, for captions), and the question's
 words too in stages that ask for it: predicting "circle" after "the small" means looking up which
-object a half-read description denotes, the lookup that spatial and comparison questions need. Every row also
-carries dense per-cell labels from the scene graph (colour, shape, size or empty for each of the
-4x4 cells), the curriculum signal of the vision tower's auxiliary heads.
+object a half-read description denotes, the lookup that spatial and comparison questions need.
+Every row also carries dense per-cell labels from the scene graph (colour, shape, size or empty
+for each of the 4x4 cells), the curriculum signal of the vision tower's auxiliary heads.
 """
 
 from __future__ import annotations
