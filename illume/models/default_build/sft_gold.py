@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--replay-ratio", type=float, default=1.0)
+    parser.add_argument(
+        "--lora-projections",
+        default="q_proj,k_proj,v_proj,o_proj",
+        help="comma-separated projection names of the language model that get LoRA",
+    )
     parser.add_argument("--n", type=int, default=10)
     args = parser.parse_args(argv)
 
@@ -62,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         lora_r=args.lora_r,
         lora_alpha=2 * args.lora_r,
+        lora_projections=tuple(args.lora_projections.split(",")),
         device="cpu",
     )
     result = train_round(snapshot, config, model_dir=args.model, out_dir=out / "adapter")
