@@ -103,6 +103,18 @@ def _drill(name: str, max_objects: int, steps: int, family_weights: tuple[float,
     )
 
 
+# Full scenes (1-6 objects): answers and captions, the two-hop families weighted up.
+_ANSWERS = Stage(
+    "answers",
+    steps=1800,
+    lr=1e-3,
+    warmup=30,
+    mix=(0.6, 0, 0, 0.4),
+    embed_weight=1.0,
+    family_weights=(1, 1, 1, 2.5, 2.5),
+    question_loss=True,
+)
+
 # The "seeing that" text: distractor rationales (never gold), a few random true statements, answers
 # and captions kept in the mix; spatial questions, which this stage unlearns fastest, weighted up.
 _RATIONALES = Stage(
@@ -149,31 +161,13 @@ DEFAULT_STAGES = (
         for n, steps in ((3, 500), (4, 700))
     ),
     # 5. Full scenes (1-6 objects): answers and captions, the two-hop families still weighted up.
-    Stage(
-        "answers",
-        steps=1800,
-        lr=1e-3,
-        warmup=30,
-        mix=(0.6, 0, 0, 0.4),
-        embed_weight=1.0,
-        family_weights=(1, 1, 1, 2.5, 2.5),
-        question_loss=True,
-    ),
+    _ANSWERS,
     # 6-8. Focused drill: answer rows only, mostly comparison and spatial, scenes of 2, 3, 4 objects.
     *(_drill("focus", n, steps, _FOCUS) for n, steps in ((2, 100), (3, 300), (4, 300))),
     # 9-11. The same drill for spatial questions, in scenes of 3, 4 and up to 6 objects.
     *(_drill("spatial", n, 300, _SPATIAL) for n in (3, 4, 6)),
-    # 12. Full scenes again, answers and captions, so the other families come back.
-    Stage(
-        "consolidate",
-        steps=400,
-        lr=5e-4,
-        warmup=20,
-        mix=(0.6, 0, 0, 0.4),
-        embed_weight=1.0,
-        family_weights=(1, 1, 1, 1.5, 1.5),
-        question_loss=True,
-    ),
+    # 12. The answers stage again, shorter and lower, so the other families come back.
+    replace(_ANSWERS, name="consolidate", steps=400, lr=5e-4, warmup=20, family_weights=(1, 1, 1, 1.5, 1.5)),
     # 13. The "seeing that" text (see _RATIONALES).
     _RATIONALES,
     # 14-15. A last spatial drill and a short rationale stage at a low LR: the full-scene stages
