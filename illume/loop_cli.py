@@ -58,7 +58,9 @@ def cmd_loop(args: argparse.Namespace) -> int:
         eval_baseline=not args.no_baseline,
         meteor=not args.no_meteor,
         seed=args.seed,
-        snapshot=SnapshotConfig(replay_ratio=args.replay_ratio, seed=args.seed),
+        snapshot=SnapshotConfig(
+            replay_ratio=args.replay_ratio, replay_passes=args.replay_passes, seed=args.seed
+        ),
         replay_pool=not args.no_replay_pool,
         train=train_config,
         device=args.device,
@@ -91,6 +93,13 @@ def add_loop_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
     p.add_argument("--replay-ratio", type=float, default=10.0, help="answer rows per rationale row")
+    p.add_argument(
+        "--replay-passes",
+        type=int,
+        default=1,
+        help="draw answer rows for this many epochs, each epoch its own questions (default 1: the "
+        "same answer rows every epoch)",
+    )
     p.add_argument(
         "--no-replay-pool",
         action="store_true",

@@ -193,9 +193,11 @@ def default_config(data_dir: Path, model_dir: Path, replay_data: Path | None = N
         tuning=TuningSettings(
             storage_path=str(data_dir / "ray-train"),
             # The embedded model is small: LoRA needs a larger step than on billion-parameter models;
-            # at 1e-3 its answers fell 5 points over three rounds, at 5e-4 with the replay pool they
-            # hold (docs/TRAINING.md).
+            # at 1e-3 its answers fell 5 points over three rounds (docs/TRAINING.md).
             train=TrainConfig(learning_rate=5e-4, lora_r=16, lora_alpha=32),
+            # With a replay pool each of the five epochs gets answer rows of its own: a small model
+            # memorises replay questions it sees five times, and its other answers slip.
+            snapshot=SnapshotConfig(replay_passes=5 if replay_data is not None else 1),
             replay_data=str(replay_data) if replay_data is not None else None,
             # A laptop's held-out split starts empty; promote while it holds too little evidence.
             gate=GateConfig(min_items=10, allow_empty=True, tokenize=False),

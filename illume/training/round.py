@@ -8,15 +8,18 @@ Contract:
   "parent"`` and one is given -- freezes every base weight, trains for ``config.epochs`` epochs (or
   ``config.max_steps`` steps) with AdamW at a constant learning rate, and saves the adapter to
   ``out_dir`` with ``save_pretrained`` (safetensors) plus ``illume_round.json`` (provenance).
+- Epoch ``e`` (from 1) trains on ``snapshot.pass_rows(e - 1)``: every row when the snapshot has one
+  replay pass, else the rationale rows and that pass's answer rows, so no replay question is seen
+  twice within ``replay_passes`` epochs.
 - Rows are encoded one at a time by the model's processor (image + prompt + target), the
   tokenizer's EOS id is appended, and rows are right-padded into batches. Labels are -100 on the
   image, the prompt and the padding: the loss is taken on the target tokens and EOS only.
 - Loss. Each row's loss is the mean token cross-entropy over its target tokens. A rationale row
   weighs ``snapshot.rationale_loss_weight`` (w), an answer row 1. A batch's objective is
-  ``sum_r w_r * loss_r / (batch_rows * mean_w)``, with ``mean_w`` the mean weight over the whole
-  snapshot. The normaliser is a constant, so the objective is an unbiased estimate of the
-  snapshot's weighted mean row loss ``sum w_r loss_r / sum w_r``; with the paper's
-  ``w = #answer / #rationale`` rows, rationale rows and answer rows each carry half of it, and the
+  ``sum_r w_r * loss_r / (batch_rows * mean_w)``, with ``mean_w`` the mean weight over the rows
+  of one pass. The normaliser is a constant, so the objective is an unbiased estimate of the
+  pass's weighted mean row loss ``sum w_r loss_r / sum w_r``; with the paper's
+  ``w = #answer / #rationale`` rows (per pass), rationale rows and answer rows each carry half of it, and the
   learning rate means the same whatever the replay ratio.
 - ``reporter(epoch, metrics)`` is called after every epoch (``epoch`` counts from 1) with
   ``loss`` (the weighted mean row loss ``sum w_r loss_r / sum w_r`` over the epoch's rows, the
@@ -288,11 +291,12 @@ def row_losses(model: Any, batch: dict[str, torch.Tensor], dtype: torch.dtype) -
 
 
 def mean_row_weight(snapshot: Snapshot) -> float:
-    """Mean loss weight over the snapshot's rows (the objective's constant normaliser)."""
+    """Mean loss weight over the rows of one pass (the objective's constant normaliser)."""
     if not snapshot.rows:
         return 1.0
     w = snapshot.rationale_loss_weight
-    return (snapshot.rationale_rows * w + snapshot.answer_rows) / len(snapshot.rows)
+    answers = snapshot.answer_rows / snapshot.passes
+    return (snapshot.rationale_rows * w + answers) / (snapshot.rationale_rows + answers)
 
 
 def _mean(total: float, count: float) -> float:
@@ -396,10 +400,17 @@ def train_round(
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     model = (prepare_model or (lambda m: m))(model)
-    dataset = SnapshotDataset(loaded, snapshot.rows, image_loader, snapshot.rationale_loss_weight)
-    loader = (prepare_loader or (lambda d: d))(
-        make_loader(dataset, config.batch_size, shuffle=True, seed=config.seed)
-    )
+    loaders = [
+        (prepare_loader or (lambda d: d))(
+            make_loader(
+                SnapshotDataset(loaded, snapshot.pass_rows(p), image_loader, snapshot.rationale_loss_weight),
+                config.batch_size,
+                shuffle=True,
+                seed=config.seed,
+            )
+        )
+        for p in range(min(snapshot.passes, config.epochs))
+    ]
     optimizer = torch.optim.AdamW(
         trainable, lr=config.learning_rate, betas=config.betas, weight_decay=config.weight_decay
     )
@@ -408,6 +419,7 @@ def train_round(
     epochs: list[dict[str, float]] = []
     steps = 0
     for epoch in range(1, config.epochs + 1):
+        loader = loaders[(epoch - 1) % len(loaders)]
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)

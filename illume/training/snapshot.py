@@ -13,20 +13,28 @@ Contract (DESIGN.md section 2, "what is trained", "replay", "accumulation"):
   least one judgement whose answer was not judged wrong (the latest one judged right, else the
   latest unjudged one, gives the answer), drawn with a seeded RNG; about
   ``replay_ratio`` x the number of rationale rows, capped by how many such questions exist;
+- **replay passes**: with ``replay_passes = P > 1`` the snapshot draws ``P`` x as many answer rows,
+  every one a different question, and ``pass_rows(p)`` gives pass ``p``'s share: all rationale
+  rows and every ``P``-th answer row (from the ``p``-th on, in stored order). A round that trains
+  epoch ``e`` on pass ``e mod P`` never repeats a replay question within ``P`` epochs. Why: a small
+  model memorises the replay questions it sees five times, and the answers on other questions
+  slip (docs/TRAINING.md, "Answer rows seen once"). With ``P = 1`` every epoch sees every row;
 - **replay pool** (optional): when the judged questions cannot give ``replay_ratio`` x the
   rationale rows (a small feedback pool never can), answer rows are topped up from
   ``replay_pool``, a fixed set of questions with known answers (``ReplayItem``; for example a
   curated VQA set of the deployment's domain), drawn with a seeded RNG, never a question that was
   judged; their source ids carry the prefix ``pool:``;
 - held-out items (the gate's split) and unjudged items never reach a row;
-- ``rationale_loss_weight = #answer rows / #rationale rows`` (the paper's), 1.0 when either count is 0;
+- ``rationale_loss_weight = #answer rows per pass / #rationale rows`` (the paper's), 1.0 when either
+  count is 0;
 - prompts are ILLUME's: ``rationale_prompt(q, a)`` -> ``" " + rationale``, ``answer_prompt(q)`` ->
   ``" " + answer``. The end-of-sequence token is model-specific, so it is not part of the stored
   target: the trainer appends the tokenizer's EOS id to every target;
 - the snapshot is immutable (frozen dataclasses, tuples); ``sha256`` is computed over a canonical
   JSON (sorted keys, no whitespace, UTF-8) of the config and the rows, so the same inputs give the
-  same hash on every machine and any change to a row changes it. The manifest (source ids, counts)
-  is derived data and not hashed.
+  same hash on every machine and any change to a row changes it. ``replay_passes`` enters it only
+  when it is not 1, so snapshots written before it existed keep their hash. The manifest (source
+  ids, counts) is derived data and not hashed.
 
 Rows are ordered deterministically: rationale rows by question id (then first occurrence), answer
 rows by question id, so the hash does not depend on the order questions were judged in.
@@ -106,6 +114,13 @@ class SnapshotConfig(BaseModel):
     max_rationales_per_question: int | None = Field(
         None, ge=1, description="Keep at most this many accepted rationales per question (None: all)."
     )
+    replay_passes: int = Field(
+        1,
+        ge=1,
+        description="Training passes the answer rows are drawn for: replay_ratio per rationale row for "
+        "each pass, every row a different question, so epochs cycling through the passes never repeat "
+        "a replay question (1: every epoch trains on the same answer rows).",
+    )
 
 
 @dataclass(frozen=True)
@@ -166,6 +181,16 @@ class Snapshot:
     def answer_rows(self) -> int:
         return sum(r.kind == "answer" for r in self.rows)
 
+    @property
+    def passes(self) -> int:
+        return self.config.replay_passes
+
+    def pass_rows(self, index: int) -> tuple[SnapshotRow, ...]:
+        """The rows of pass ``index`` (mod the passes): every rationale row, that pass's answer rows."""
+        p = index % self.passes
+        answers = [r for r in self.rows if r.kind == "answer"]
+        return tuple(r for r in self.rows if r.kind == "rationale") + tuple(answers[p :: self.passes])
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": SNAPSHOT_FORMAT,
@@ -207,9 +232,12 @@ class Snapshot:
 
 def canonical_json(rows: Sequence[SnapshotRow], config: SnapshotConfig, weight: float) -> bytes:
     """The bytes the snapshot hash is taken over."""
+    dumped = config.model_dump()
+    if dumped["replay_passes"] == 1:
+        del dumped["replay_passes"]  # the hash of a snapshot written before passes existed
     body = {
         "format": SNAPSHOT_FORMAT,
-        "config": config.model_dump(),
+        "config": dumped,
         "rationale_loss_weight": weight,
         "rows": [r.to_dict() for r in rows],
     }
@@ -220,7 +248,7 @@ def snapshot_sha256(rows: Sequence[SnapshotRow], config: SnapshotConfig, weight:
     return hashlib.sha256(canonical_json(rows, config, weight)).hexdigest()
 
 
-def loss_weight(answer_rows: int, rationale_rows: int) -> float:
+def loss_weight(answer_rows: float, rationale_rows: int) -> float:
     """The paper's rationale loss weight: #answer rows / #rationale rows (1.0 if either is 0)."""
     if answer_rows == 0 or rationale_rows == 0:
         return 1.0
@@ -281,7 +309,7 @@ def build_snapshot(
                 if fid not in feedback_ids:
                     feedback_ids.append(fid)
     eligible = sorted(q for q in replay_source if q not in rationales)
-    wanted_total = round(config.replay_ratio * len(rationale_rows))
+    wanted_total = round(config.replay_ratio * len(rationale_rows)) * config.replay_passes
     wanted = min(len(eligible), wanted_total)
     drawn = sorted(random.Random(f"illume-snapshot/{config.seed}").sample(eligible, wanted))
     answer_rows = [
@@ -306,7 +334,7 @@ def build_snapshot(
         for item in pool
     ]
     rows = tuple(rationale_rows + answer_rows)
-    weight = loss_weight(len(answer_rows), len(rationale_rows))
+    weight = loss_weight(len(answer_rows) / config.replay_passes, len(rationale_rows))
     manifest = SnapshotManifest(
         rationale_sources=tuple(sorted(rationales)),
         answer_sources=tuple(drawn),

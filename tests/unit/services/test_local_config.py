@@ -64,3 +64,9 @@ def test_the_embedded_model_gets_a_replay_pool_and_a_model_of_ones_own_does_not(
     assert embedded.tuning.replay_data == str(tmp_path.resolve() / "replay" / "train.json")
     assert (tmp_path / "replay" / "train.json").is_file()
     assert local_config(tmp_path, tmp_path, None).tuning.replay_data is None
+
+
+def test_the_embedded_model_trains_each_epoch_on_answer_rows_of_its_own(tmp_path):
+    embedded = local_config(tmp_path, None, None).tuning
+    assert embedded.snapshot.replay_passes == embedded.train.epochs == 5
+    assert local_config(tmp_path, tmp_path, None).tuning.snapshot.replay_passes == 1

@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from illume.models import ModelSettings, load_model
-from illume.training import TrainConfig, snapshot_loss, train_round
+from illume.training import SnapshotConfig, TrainConfig, build_snapshot, snapshot_loss, train_round
 from illume.training.round import IGNORE_INDEX, collate, encode_row, path_image_loader
+from tests.unit.training.conftest import judged_from
 
 # A high learning rate so a handful of rows visibly moves a tiny model in a few epochs.
 FAST = TrainConfig(learning_rate=0.1, lora_alpha=32, epochs=4, batch_size=4, lora_dropout=0.0, seed=0)
@@ -167,3 +168,31 @@ def test_an_empty_snapshot_is_refused(tiny_model, tmp_path):
 
     with pytest.raises(ValueError, match="no rows"):
         train_round(build_snapshot([]), FAST, model_dir=tiny_model, out_dir=tmp_path / "x")
+
+
+def test_each_epoch_trains_on_its_own_replay_pass(tiny_model, tiny_world, tmp_path):
+    snapshot = build_snapshot(
+        judged_from(tiny_world["train"], 3), SnapshotConfig(replay_ratio=2, replay_passes=2, seed=0)
+    )
+    assert (snapshot.rationale_rows, snapshot.answer_rows) == (3, 12)
+    images: list[str] = []
+    per_epoch: list[tuple[set[str], dict]] = []
+
+    def loader(ref: str):
+        images.append(ref)
+        return path_image_loader(ref)
+
+    def reporter(epoch: int, metrics: dict) -> None:
+        per_epoch.append((set(images), metrics))
+        images.clear()
+
+    train_round(snapshot, FAST, reporter, model_dir=tiny_model, image_loader=loader, out_dir=tmp_path / "a")
+    assert [m["rows"] for _, m in per_epoch] == [9, 9, 9, 9]  # 3 rationale rows + 6 answer rows
+    answer_images = [{r.image for r in snapshot.pass_rows(p) if r.kind == "answer"} for p in (0, 1)]
+    rationale_images = {r.image for r in snapshot.rows if r.kind == "rationale"}
+    assert [seen for seen, _ in per_epoch] == [rationale_images | answer_images[e % 2] for e in range(4)]
+    assert answer_images[0] != answer_images[1]
+    # Rationale rows weigh the answer rows of one pass (6 / 3), as in a one-pass snapshot.
+    last = per_epoch[-1][1]
+    expected = (3 * 2 * last["rationale_loss"] + 6 * last["answer_loss"]) / 12
+    assert last["loss"] == pytest.approx(expected, rel=1e-5)

@@ -9,6 +9,7 @@ import random
 import pytest
 
 from illume.training import JudgedItem, ReplayItem, Snapshot, SnapshotConfig, build_snapshot, loss_weight
+from illume.training.snapshot import canonical_json
 
 
 def _item(qid: str, accepted=(), **kw) -> JudgedItem:
@@ -180,3 +181,31 @@ def test_snapshot_is_immutable():
     with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen-instance error
         snap.config.replay_ratio = 3  # type: ignore[misc]
     assert isinstance(snap.rows, tuple)
+
+
+def test_replay_passes_give_each_pass_its_own_questions_at_the_ratio():
+    items = _pool({"a": ["x is red"], "b": ["y is red"]}, plain=5)
+    snap = build_snapshot(items, SnapshotConfig(replay_passes=3), replay_pool=_replay_pool(80))
+    assert (snap.rationale_rows, snap.answer_rows) == (2, 60)  # ten per rationale row, per pass
+    assert snap.rationale_loss_weight == 10.0
+    rationale = tuple(r for r in snap.rows if r.kind == "rationale")
+    passes = [snap.pass_rows(p) for p in range(3)]
+    answers = [{r.source_id for r in rows if r.kind == "answer"} for rows in passes]
+    assert [len(a) for a in answers] == [20, 20, 20]
+    assert len(answers[0] | answers[1] | answers[2]) == 60  # no question in two passes
+    assert all(rows[:2] == rationale for rows in passes)
+    assert snap.pass_rows(4) == passes[1]
+    one = build_snapshot(items, replay_pool=_replay_pool(80))
+    assert one.pass_rows(0) == one.rows == one.pass_rows(3)
+
+
+def test_replay_passes_enter_the_hash_only_when_not_one():
+    items = _pool({"a": ["x is red"]}, plain=30)
+    snap = build_snapshot(items)
+    assert b"replay_passes" not in canonical_json(snap.rows, snap.config, snap.rationale_loss_weight)
+    three = build_snapshot(items, SnapshotConfig(replay_passes=3))
+    assert b'"replay_passes":3' in canonical_json(three.rows, three.config, three.rationale_loss_weight)
+    # A snapshot written before replay passes existed still loads, with its hash.
+    written_before = snap.to_dict()
+    del written_before["config"]["replay_passes"]
+    assert Snapshot.from_dict(written_before) == snap
