@@ -184,6 +184,9 @@ def default_config(data_dir: Path, model_dir: Path, replay_data: Path | None = N
     """The embedded default: the project's model, SQLite under ``data_dir``, local artifacts
     (and ``replay_data`` as the tuning rounds' replay pool)."""
     data_dir = Path(data_dir)
+    # The embedded model is small: LoRA needs a larger step than on billion-parameter models;
+    # at 1e-3 its answers fell 5 points over three rounds (docs/TRAINING.md).
+    train = TrainConfig(learning_rate=5e-4, lora_r=16, lora_alpha=32)
     return AppConfig(
         generator=GeneratorSettings(model=ModelSettings(path=model_dir, model_id=_model_id(Path(model_dir)))),
         feedback_log=FeedbackLogSettings(
@@ -192,12 +195,10 @@ def default_config(data_dir: Path, model_dir: Path, replay_data: Path | None = N
         artifact_uri=str(data_dir / "adapters"),
         tuning=TuningSettings(
             storage_path=str(data_dir / "ray-train"),
-            # The embedded model is small: LoRA needs a larger step than on billion-parameter models;
-            # at 1e-3 its answers fell 5 points over three rounds (docs/TRAINING.md).
-            train=TrainConfig(learning_rate=5e-4, lora_r=16, lora_alpha=32),
-            # With a replay pool each of the five epochs gets answer rows of its own: a small model
-            # memorises replay questions it sees five times, and its other answers slip.
-            snapshot=SnapshotConfig(replay_passes=5 if replay_data is not None else 1),
+            train=train,
+            # With a replay pool each epoch gets answer rows of its own: a small model memorises
+            # replay questions it sees every epoch, and its other answers slip.
+            snapshot=SnapshotConfig(replay_passes=train.epochs if replay_data is not None else 1),
             replay_data=str(replay_data) if replay_data is not None else None,
             # A laptop's held-out split starts empty; promote while it holds too little evidence.
             gate=GateConfig(min_items=10, allow_empty=True, tokenize=False),

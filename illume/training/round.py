@@ -19,8 +19,8 @@ Contract:
   ``sum_r w_r * loss_r / (batch_rows * mean_w)``, with ``mean_w`` the mean weight over the rows
   of one pass. The normaliser is a constant, so the objective is an unbiased estimate of the
   pass's weighted mean row loss ``sum w_r loss_r / sum w_r``; with the paper's
-  ``w = #answer / #rationale`` rows (per pass), rationale rows and answer rows each carry half of it, and the
-  learning rate means the same whatever the replay ratio.
+  ``w = #answer / #rationale`` rows (per pass), rationale rows and answer rows each carry half of
+  it, and the learning rate means the same whatever the replay ratio.
 - ``reporter(epoch, metrics)`` is called after every epoch (``epoch`` counts from 1) with
   ``loss`` (the weighted mean row loss ``sum w_r loss_r / sum w_r`` over the epoch's rows, the
   quantity the objective estimates, measured as the epoch went), ``objective`` (mean batch
