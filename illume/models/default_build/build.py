@@ -103,6 +103,20 @@ def _drill(name: str, max_objects: int, steps: int, family_weights: tuple[float,
     )
 
 
+# Scenes of up to three objects: three answer rows in four and captions, the two-hop families
+# weighted up.
+_GROW = Stage(
+    "grow-3",
+    steps=500,
+    lr=1e-3,
+    warmup=30,
+    mix=(0.75, 0, 0, 0.25),
+    embed_weight=1.0,
+    max_objects=3,
+    family_weights=_TWO_HOP,
+    question_loss=True,
+)
+
 # Full scenes (1-6 objects): answers and captions, the two-hop families weighted up.
 _ANSWERS = Stage(
     "answers",
@@ -144,33 +158,23 @@ DEFAULT_STAGES = (
         max_objects=2,
         question_loss=True,
     ),
-    # 3-4. Scenes that grow to three, then four objects; three answer rows in four, the two-hop
-    #    families weighted up: a description now has to pick its object out of several.
-    *(
-        Stage(
-            f"grow-{n}",
-            steps=steps,
-            lr=1e-3,
-            warmup=30,
-            mix=(0.75, 0, 0, 0.25),
-            embed_weight=1.0,
-            max_objects=n,
-            family_weights=_TWO_HOP,
-            question_loss=True,
-        )
-        for n, steps in ((3, 500), (4, 700))
-    ),
-    # 5. Full scenes (1-6 objects): answers and captions, the two-hop families still weighted up.
+    # 3-5. Scenes that grow to three, then four objects; three answer rows in four, the two-hop
+    #    families weighted up: a description now has to pick its object out of several. Scenes of
+    #    three objects get 400 more steps (grow-3b), as in every trial of the relational cell code.
+    _GROW,
+    replace(_GROW, name="grow-3b", steps=400),
+    replace(_GROW, name="grow-4", steps=700, max_objects=4),
+    # 6. Full scenes (1-6 objects): answers and captions, the two-hop families still weighted up.
     _ANSWERS,
-    # 6-8. Focused drill: answer rows only, mostly comparison and spatial, scenes of 2, 3, 4 objects.
+    # 7-9. Focused drill: answer rows only, mostly comparison and spatial, scenes of 2, 3, 4 objects.
     *(_drill("focus", n, steps, _FOCUS) for n, steps in ((2, 100), (3, 300), (4, 300))),
-    # 9-11. The same drill for spatial questions, in scenes of 3, 4 and up to 6 objects.
+    # 10-12. The same drill for spatial questions, in scenes of 3, 4 and up to 6 objects.
     *(_drill("spatial", n, 300, _SPATIAL) for n in (3, 4, 6)),
-    # 12. The answers stage again, shorter and lower, so the other families come back.
+    # 13. The answers stage again, shorter and lower, so the other families come back.
     replace(_ANSWERS, name="consolidate", steps=400, lr=5e-4, warmup=20, family_weights=(1, 1, 1, 1.5, 1.5)),
-    # 13. The "seeing that" text (see _RATIONALES).
+    # 14. The "seeing that" text (see _RATIONALES).
     _RATIONALES,
-    # 14-15. A last spatial drill and a short rationale stage at a low LR: the full-scene stages
+    # 15-16. A last spatial drill and a short rationale stage at a low LR: the full-scene stages
     #    above take back part of what the spatial drill taught; this keeps more of it.
     replace(_drill("spatial", 6, 400, _SPATIAL), name="spatial-6b", lr=3e-4),
     replace(_RATIONALES, name="rationales-2", steps=200, lr=2e-4, warmup=20),
@@ -204,6 +208,10 @@ class BuildConfig:
     # Standard deviation of the language model's input embeddings at initialisation (Llama's
     # default is 0.02); larger keeps a word's identity visible in the residual stream.
     embed_init_std: float = 1.0
+    # Standard deviation of the relational cell code added to each occupied cell's embedding target
+    # (see relational_cell_code; 0 leaves the target the bare word-embedding sum) and its seed.
+    cell_code_std: float = 0.5
+    cell_code_seed: int = 7
     batch_size: int = 64
     threads: int = 1
     save_every: int = 100
@@ -292,12 +300,24 @@ class AuxHeads(nn.Module):
     """Per-cell colour/shape/size classifiers on vision features and on projected features."""
 
     def __init__(
-        self, vision_hidden: int, text_hidden: int, grid: int = 4, word_ids: torch.Tensor | None = None
+        self,
+        vision_hidden: int,
+        text_hidden: int,
+        grid: int = 4,
+        word_ids: torch.Tensor | None = None,
+        cell_code: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         # Token id of each cell label value (colour, shape, size; -1 for "empty"), for embedding_loss.
         self.register_buffer(
             "word_ids", word_ids if word_ids is not None else torch.full((3, 6), -1), persistent=False
+        )
+        # The vector added to each occupied cell's embedding target (zeros: none); derived from the
+        # config, so not saved with the heads.
+        self.register_buffer(
+            "cell_code",
+            cell_code if cell_code is not None else torch.zeros(grid * grid, text_hidden),
+            persistent=False,
         )
         self.grid = grid
         total = sum(CELL_HEADS.values()) + 2 * grid
@@ -316,6 +336,35 @@ class AuxHeads(nn.Module):
             out = out + F.cross_entropy(part.reshape(-1, n), cells[:, i].reshape(-1))
             start += n
         return out / len(sizes)
+
+
+# The relations of relational_cell_code: (name, holds(row_c, col_c, row_k, col_k)), in code order.
+CELL_RELATIONS = (
+    ("left_of", lambda rc, cc, rk, ck: rc == rk and cc < ck),
+    ("right_of", lambda rc, cc, rk, ck: rc == rk and cc > ck),
+    ("above", lambda rc, cc, rk, ck: cc == ck and rc < rk),
+    ("below", lambda rc, cc, rk, ck: cc == ck and rc > rk),
+)
+
+
+def relational_cell_code(grid: int, dim: int, seed: int, std: float) -> torch.Tensor:
+    """(grid * grid, dim) fixed vectors, one per cell (index row * grid + col).
+
+    A cell's vector sums a random part of its own and, for every relation in ``CELL_RELATIONS`` and
+    every cell k it stands in that relation to, a random part shared by all cells in that relation
+    to k. "Left of cell k" is then one direction in the patch tokens, which a question about k can
+    read with a single attention lookup; a row and a column vector would need a conjunction."""
+    g = torch.Generator().manual_seed(seed)
+    cells = grid * grid
+    own = torch.randn(cells, dim, generator=g) * std
+    rel = torch.randn(len(CELL_RELATIONS), cells, dim, generator=g) * std
+    code = own.clone()
+    for c in range(cells):
+        for ri, (_, holds) in enumerate(CELL_RELATIONS):
+            for k in range(cells):
+                if holds(*divmod(c, grid), *divmod(k, grid)):
+                    code[c] += rel[ri, k]
+    return code
 
 
 def label_word_ids(tokenizer) -> torch.Tensor:
@@ -396,21 +445,30 @@ def training_loss(model, heads, capture: _Capture, batch: Batch, stage: Stage) -
     parts = {"lm": lm.item(), "aux": aux.item()}
     loss = lm + stage.aux_weight * aux
     if stage.embed_weight:
-        embed = embedding_loss(model, capture.out, batch.cells, heads.word_ids)
+        embed = embedding_loss(model, capture.out, batch.cells, heads.word_ids, heads.cell_code)
         parts["embed"] = embed.item()
         loss = loss + stage.embed_weight * embed
     return loss, parts
 
 
 def embedding_loss(
-    model, projected: torch.Tensor, cells: torch.Tensor, word_ids: torch.Tensor
+    model,
+    projected: torch.Tensor,
+    cells: torch.Tensor,
+    word_ids: torch.Tensor,
+    cell_code: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Relative squared distance of each projected patch token to its cell's word-embedding sum."""
+    """Relative squared distance of each projected patch token to its target: the sum of the word
+    embeddings of its object's colour, shape and size, plus the cell's ``cell_code`` row when the
+    cell holds an object (an empty cell's target is zero)."""
     table = model.get_input_embeddings().weight.detach()
     target = 0.0
     for i in range(cells.shape[1]):
         ids = word_ids[i][cells[:, i]]  # (B, cells); -1 for an empty cell
         target = target + table[ids.clamp(min=0)] * (ids >= 0).unsqueeze(-1)
+    if cell_code is not None:
+        occupied = (cells[:, 0] > 0).unsqueeze(-1)  # colour "none" marks an empty cell
+        target = target + cell_code.to(table.dtype) * occupied
     pred = projected[:, 1:]
     return ((pred - target) ** 2).sum(-1).mean() / (target**2).sum(-1).mean().clamp(min=1e-6)
 
@@ -464,11 +522,13 @@ def train(
     tokenizer = build_tokenizer()
     model = build_model(config, tokenizer)
     torch.manual_seed(config.seed + 1)
+    grid = config.image_size // config.patch_size
     heads = AuxHeads(
         config.vision_hidden,
         config.text_hidden,
-        config.image_size // config.patch_size,
+        grid,
         label_word_ids(tokenizer),
+        relational_cell_code(grid, config.text_hidden, config.cell_code_seed, config.cell_code_std),
     )
     capture = _Capture()
     model.model.multi_modal_projector.register_forward_hook(capture)
