@@ -67,8 +67,9 @@ class Stage:
     vision_lr_scale: float = 1.0
     lm: bool = True
     # Weight of the loss that pulls each projected patch token towards the sum of the word
-    # embeddings of its object's colour, shape and size (zero for an empty cell), so the language
-    # model sees the image in the same vectors as the words that describe it.
+    # embeddings of its object's colour, shape and size plus its cell's relational code (zero for
+    # an empty cell), so the language model sees the image in the same vectors as the words that
+    # describe it.
     embed_weight: float = 0.0
     # Scenes hold 1..max_objects objects (the world's default is 6): fewer objects early make the
     # binding of question words to patches easier to find.
