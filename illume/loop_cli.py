@@ -34,10 +34,12 @@ def cmd_loop(args: argparse.Namespace) -> int:
         train, val = world["train"], world["val"]
     train_config = TrainConfig(
         learning_rate=args.lr,
+        lr_schedule=args.lr_schedule,
         epochs=args.epochs,
         batch_size=args.train_batch_size,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha or 2 * args.lora_r,
+        **({"lora_projections": tuple(args.lora_projections.split(","))} if args.lora_projections else {}),
         init_from=args.init,
         seed=args.seed,
         max_steps=args.max_steps,
@@ -106,11 +108,24 @@ def add_loop_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="answer rows from judged questions only (default: topped up from the pool's other questions)",
     )
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr", type=float, default=1e-4, help="constant learning rate")
+    p.add_argument(
+        "--lr", type=float, default=1e-4, help="learning rate (the peak one with --lr-schedule linear)"
+    )
+    p.add_argument(
+        "--lr-schedule",
+        choices=["constant", "linear"],
+        default="constant",
+        help="constant (the paper's) or linear decay to 0 over each round's steps",
+    )
     p.add_argument("--train-batch-size", type=int, default=8)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, help="default: 2 x rank")
+    p.add_argument(
+        "--lora-projections",
+        help="comma-separated projection names of the language model that get LoRA (default: "
+        "q_proj,k_proj,v_proj,o_proj)",
+    )
     p.add_argument("--init", choices=["base", "parent"], default="base", help="train each round from")
     p.add_argument("--val-limit", type=int, default=100, help="validation items per evaluation")
     p.add_argument("--eval-n", type=int, help="candidates per validation item (default: --n)")

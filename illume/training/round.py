@@ -6,7 +6,8 @@ Contract:
   base checkpoint from ``model_dir`` (local only), adds a fresh LoRA adapter on the language model
   only (``lora_target_regex``) -- or continues the parent adapter when ``config.init_from ==
   "parent"`` and one is given -- freezes every base weight, trains for ``config.epochs`` epochs (or
-  ``config.max_steps`` steps) with AdamW at a constant learning rate, and saves the adapter to
+  ``config.max_steps`` steps) with AdamW at a constant learning rate (or one that decays linearly
+  to 0 over the planned steps, ``lr_schedule="linear"``), and saves the adapter to
   ``out_dir`` with ``save_pretrained`` (safetensors) plus ``illume_round.json`` (provenance).
 - Epoch ``e`` (from 1) trains on ``snapshot.pass_rows(e - 1)``: every row when the snapshot has one
   replay pass, else the rationale rows and that pass's answer rows, so no replay question is seen
@@ -25,7 +26,7 @@ Contract:
   ``loss`` (the weighted mean row loss ``sum w_r loss_r / sum w_r`` over the epoch's rows, the
   quantity the objective estimates, measured as the epoch went), ``objective`` (mean batch
   objective), ``rationale_loss`` / ``answer_loss`` (mean row loss of each kind, NaN if the epoch had
-  none), ``rows``, ``steps``, ``seconds`` and ``learning_rate``.
+  none), ``rows``, ``steps``, ``seconds`` and ``learning_rate`` (the rate after the epoch's last step).
 - Deterministic on CPU: the seed fixes the LoRA initialisation, the shuffling and the dropout, so
   the same snapshot, config and seed give identical adapter tensors.
 - ``prepare_model`` / ``prepare_loader`` are identity by default; a Ray Train worker passes
@@ -73,8 +74,14 @@ class TrainConfig(BaseModel):
     learning_rate: float = Field(
         1e-4,
         gt=0,
-        description="Constant learning rate. 1e-4 suits LoRA on real checkpoints; tiny random models "
-        "learn visibly only at about 1e-2 or more. (The paper: 1.12e-3 for bottleneck adapters.)",
+        description="Learning rate (the peak of a linear schedule). 1e-4 suits LoRA on real checkpoints; "
+        "tiny random models learn visibly only at about 1e-2 or more. (The paper: 1.12e-3 for "
+        "bottleneck adapters.)",
+    )
+    lr_schedule: Literal["constant", "linear"] = Field(
+        "constant",
+        description="'constant' (the paper's) or 'linear': decay from learning_rate to 0 over the round's "
+        "steps, so the adapter ends at a point of low gradient noise.",
     )
     betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas (the paper's).")
     weight_decay: float = Field(0.2, ge=0, description="AdamW decoupled weight decay (the paper's).")
@@ -299,6 +306,23 @@ def mean_row_weight(snapshot: Snapshot) -> float:
     return (snapshot.rationale_rows * w + answers) / (snapshot.rationale_rows + answers)
 
 
+def planned_steps(loaders: Sequence[Any], config: TrainConfig) -> int:
+    """Optimiser steps the round will take: every epoch's batches, capped by ``max_steps``."""
+    total = sum(len(loaders[(epoch - 1) % len(loaders)]) for epoch in range(1, config.epochs + 1))
+    return min(total, config.max_steps) if config.max_steps is not None else total
+
+
+def learning_rate_schedule(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The rate's factor per step: 1 throughout ('constant'), or 1 - step / total ('linear')."""
+    if config.lr_schedule == "linear":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: max(0.0, 1.0 - step / max(1, total_steps))
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
 def _mean(total: float, count: float) -> float:
     return total / count if count else math.nan
 
@@ -414,6 +438,7 @@ def train_round(
     optimizer = torch.optim.AdamW(
         trainable, lr=config.learning_rate, betas=config.betas, weight_decay=config.weight_decay
     )
+    scheduler = learning_rate_schedule(optimizer, config, planned_steps(loaders, config))
     normaliser = mean_row_weight(snapshot)
     device = loaded.device
     epochs: list[dict[str, float]] = []
@@ -444,6 +469,7 @@ def train_round(
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
             optimizer.step()
+            scheduler.step()
             steps += 1
             is_rationale = batch["is_rationale"].view(-1)
             detached = losses.detach()
@@ -466,7 +492,7 @@ def train_round(
             "rows": float(totals["n_rationale"] + totals["n_answer"]),
             "steps": float(steps),
             "seconds": time.perf_counter() - epoch_start,
-            "learning_rate": config.learning_rate,
+            "learning_rate": optimizer.param_groups[0]["lr"],
         }
         epochs.append(metrics)
         if reporter is not None:

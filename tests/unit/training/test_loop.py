@@ -66,3 +66,27 @@ def test_two_rounds_accumulate_train_and_sample_with_the_previous_adapter(
     assert 0.0 <= second.val["answer_accuracy"] <= 1.0 and "rouge_l" in second.val["acceptance_per_question"]
     assert len(lines) == 3 and lines[1].split()[0] == "0"  # header + one line per round
     assert json.loads((tmp_path / "loop.json").read_text())["rounds"][1]["round"] == 1
+
+
+def test_the_loop_verb_passes_the_lora_projections_and_the_schedule_to_the_train_config(
+    tmp_path, monkeypatch
+):
+    from illume.cli import main
+
+    seen = []
+
+    class Done:
+        seconds = 0.0
+
+    def record(model_dir, train, val, config, **kwargs):
+        seen.append(config.train)
+        return Done()
+
+    monkeypatch.setattr(loop_module, "run_loop", record)
+    common = ["loop", "--pool", "4", "--val-limit", "2", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    options = ["--lora-projections", "q_proj,gate_proj,down_proj", "--lr-schedule", "linear"]
+    assert main([*common, "--out", str(tmp_path / "b"), *options]) == 0
+    assert seen[0].lora_projections == TrainConfig().lora_projections and seen[0].lr_schedule == "constant"
+    assert seen[1].lr_schedule == "linear"
+    assert seen[1].lora_projections == ("q_proj", "gate_proj", "down_proj")

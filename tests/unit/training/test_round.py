@@ -163,6 +163,24 @@ def test_max_steps_and_init_from_parent(trained, tiny_model, small_snapshot, tmp
     assert ignored.initialised_from == "base"  # init_from="base" (the default) ignores the parent
 
 
+def test_a_linear_schedule_decays_the_rate_to_zero_over_the_planned_steps(
+    trained, tiny_model, small_snapshot, tmp_path
+):
+    _, seen = trained
+    assert [m["learning_rate"] for _, m in seen["epochs"]] == [0.1] * 4  # constant: the default
+    rates = []
+    linear = FAST.model_copy(update={"lr_schedule": "linear"})
+    train_round(small_snapshot, linear, lambda e, m: rates.append(m["learning_rate"]), model_dir=tiny_model,
+                out_dir=tmp_path / "linear")  # fmt: skip
+    # 4 epochs of 3 batches: after epoch e the rate is 0.1 x (1 - 3e / 12).
+    assert rates == pytest.approx([0.075, 0.05, 0.025, 0.0])
+    capped = []
+    train_round(small_snapshot, linear.model_copy(update={"max_steps": 4}), lambda e, m: capped.append(m),
+                model_dir=tiny_model, out_dir=tmp_path / "capped")  # fmt: skip
+    assert [m["steps"] for m in capped] == [3, 4]  # max_steps ends the second epoch early
+    assert [m["learning_rate"] for m in capped] == pytest.approx([0.025, 0.0])
+
+
 def test_an_empty_snapshot_is_refused(tiny_model, tmp_path):
     from illume.training import build_snapshot
 
