@@ -306,9 +306,14 @@ def mean_row_weight(snapshot: Snapshot) -> float:
     return (snapshot.rationale_rows * w + answers) / (snapshot.rationale_rows + answers)
 
 
+def epoch_loader(loaders: Sequence[Any], epoch: int) -> Any:
+    """The loader of epoch ``epoch`` (from 1): the replay passes take turns."""
+    return loaders[(epoch - 1) % len(loaders)]
+
+
 def planned_steps(loaders: Sequence[Any], config: TrainConfig) -> int:
     """Optimiser steps the round will take: every epoch's batches, capped by ``max_steps``."""
-    total = sum(len(loaders[(epoch - 1) % len(loaders)]) for epoch in range(1, config.epochs + 1))
+    total = sum(len(epoch_loader(loaders, epoch)) for epoch in range(1, config.epochs + 1))
     return min(total, config.max_steps) if config.max_steps is not None else total
 
 
@@ -444,7 +449,7 @@ def train_round(
     epochs: list[dict[str, float]] = []
     steps = 0
     for epoch in range(1, config.epochs + 1):
-        loader = loaders[(epoch - 1) % len(loaders)]
+        loader = epoch_loader(loaders, epoch)
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
