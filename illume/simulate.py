@@ -21,7 +21,7 @@ from typing import Any
 
 from illume.critics import CriticInput, FactCritic, RougeLCritic
 from illume.data import VQAXItem
-from illume.metrics import answer_accuracy
+from illume.evaluation.metrics import answer_accuracy
 
 TERMINAL = {"promoted", "rejected", "failed"}
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, Field
 
 from illume.errors import InvalidRequest
-from illume.generation import GenerateRequest, SamplingParams
+from illume.generation.generator import GenerateRequest, SamplingParams
 from illume.images import ImageLimits, decode_image, image_sha256
 
 PAPER_TEMPERATURES = (0.3, 0.9)

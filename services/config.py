@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from illume.gate import GateConfig
+from illume.evaluation.gate import GateConfig
 from illume.models.loading import ModelSettings
 from illume.store.settings import StoreSettings
 from illume.training.round import TrainConfig

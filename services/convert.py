@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from illume.errors import InvalidRequest
-from illume.generation import SamplingParams
+from illume.generation.generator import SamplingParams
 from illume.store.types import (
     AdapterFeedbackStats,
     AdapterRecord,

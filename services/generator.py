@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 
 from ray import serve
 
-from illume.generation import GenerateRequest, GenerateResult, Generator
+from illume.adapters.routing import AdapterRouter, Resolution
+from illume.generation.generator import GenerateRequest, GenerateResult, Generator
 from illume.models import load_model
 from illume.store.settings import StoreSettings
 from services import metrics
-from services.adapters import AdapterRouter, Resolution
 from services.config import GeneratorSettings
 
 log = logging.getLogger("ray.serve")

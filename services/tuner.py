@@ -175,10 +175,10 @@ def _gate(
     """Score the candidate and production on the same held-out generations (and curated sets); decide."""
     from peft import PeftModel
 
-    from illume.artifacts import open_artifact_store
+    from illume.adapters.artifacts import open_artifact_store
     from illume.data import load_vqax
-    from illume.gate import evaluate_gate
-    from illume.generation import Generator
+    from illume.evaluation.gate import evaluate_gate
+    from illume.generation.generator import Generator
     from illume.models import ModelSettings, load_model
     from illume.training.from_store import gate_items
 
@@ -206,8 +206,8 @@ def _gate(
 
 def run_round(config: AppConfig, namespace: str, round_id: str) -> RoundRecord:
     """The whole round (see the module docstring); returns the final round record."""
-    from illume.adapters import publish_adapter
-    from illume.artifacts import open_artifact_store
+    from illume.adapters.artifacts import open_artifact_store
+    from illume.adapters.manifest import publish_adapter
     from illume.models.loading import base_model_fingerprint
     from illume.training.from_store import judged_items
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from PIL import Image
 
-from illume.gate import GateItem
+from illume.evaluation.gate import GateItem
 from illume.store.registry import parse_version
 from illume.store.types import GenerationRecord
 from illume.training.snapshot import JudgedItem, normalise_rationale

@@ -52,7 +52,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from illume.prompts import answer_prompt, rationale_prompt
+from illume.generation.prompts import answer_prompt, rationale_prompt
 
 SNAPSHOT_FORMAT = 1
 RowKind = Literal["rationale", "answer"]

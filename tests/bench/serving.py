@@ -34,7 +34,7 @@ def _png(i: int) -> bytes:
 
 
 def in_process(model_dir: Path, requests: int, batch: int, n: int, tokens: int) -> dict:
-    from illume.generation import GenerateRequest, Generator, SamplingParams
+    from illume.generation.generator import GenerateRequest, Generator, SamplingParams
     from illume.images import decode_image
     from illume.models import ModelSettings, load_model
 

@@ -29,7 +29,7 @@ KEY = "bench-admin-key-0123456789"
 
 
 def _config(model_dir: Path, data: Path, dashboard_port: int, replicas: int):
-    from illume.gate import GateConfig
+    from illume.evaluation.gate import GateConfig
     from illume.models.loading import ModelSettings
     from illume.store.settings import StoreSettings
     from illume.training.round import TrainConfig
@@ -65,8 +65,8 @@ def _config(model_dir: Path, data: Path, dashboard_port: int, replicas: int):
 
 
 def _train_adapters(config, items, count: int) -> list[int]:
-    from illume.adapters import publish_adapter
-    from illume.artifacts import open_artifact_store
+    from illume.adapters.artifacts import open_artifact_store
+    from illume.adapters.manifest import publish_adapter
     from illume.models.loading import base_model_fingerprint
     from illume.store import AdapterRegistry
     from illume.training.round import TrainConfig, path_image_loader, train_round

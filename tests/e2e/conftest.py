@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from illume.data import load_vqax
-from illume.gate import GateConfig
+from illume.evaluation.gate import GateConfig
 from illume.models.default import default_model_dir
 from illume.models.loading import ModelSettings
 from illume.store.settings import StoreSettings

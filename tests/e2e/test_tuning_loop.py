@@ -14,9 +14,9 @@ import grpc
 import psutil
 import pytest
 
-from illume.adapters import publish_adapter
-from illume.artifacts import open_artifact_store
-from illume.generation import GenerateRequest, Generator, SamplingParams
+from illume.adapters.artifacts import open_artifact_store
+from illume.adapters.manifest import publish_adapter
+from illume.generation.generator import GenerateRequest, Generator, SamplingParams
 from illume.images import decode_image
 from illume.models import ModelSettings, load_model
 from illume.models.loading import base_model_fingerprint

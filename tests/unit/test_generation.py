@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from illume.generation import GenerateRequest, Generator, SamplingParams, top_k_count
+from illume.generation.generator import GenerateRequest, Generator, SamplingParams, top_k_count
 from illume.models import ModelSettings, load_model
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from illume.metrics import acceptance, answer_accuracy, caption_scores
+from illume.evaluation.metrics import acceptance, answer_accuracy, caption_scores
 
 PREDICTIONS = {"1": "the square is red", "2": "there is a blue circle", "3": "two triangles are green"}
 REFERENCES = {
@@ -36,7 +36,7 @@ def test_bleu_1_by_hand_for_an_exact_match():
 
 @pytest.mark.slow
 def test_meteor_runs_offline_with_java():
-    from illume.metrics import java_available
+    from illume.evaluation.metrics import java_available
 
     if not java_available():
         pytest.skip("no Java runtime")

@@ -1,4 +1,4 @@
-from illume.prompts import answer_prompt, clean_answer, rationale_prompt
+from illume.generation.prompts import answer_prompt, clean_answer, rationale_prompt
 
 
 def test_answer_prompt_is_the_papers():

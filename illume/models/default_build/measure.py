@@ -1,7 +1,7 @@
 """Measuring a checkpoint on the world: answer accuracy and round-0 fact-critic acceptance.
 
 Contract: ``measure(model_dir, items, ...)`` loads the checkpoint through the serving path
-(``illume.models.loading.load_model``, ``illume.generation.Generator``), so what it measures is
+(``illume.models.loading.load_model``, ``illume.generation.generator.Generator``), so what it measures is
 what the server would produce:
 
 - answers: ``Q: {q} A:`` decoded greedily (the request carries no answer); accuracy is the share
@@ -24,7 +24,7 @@ from typing import Any
 
 from illume.critics.base import CriticInput
 from illume.critics.fact import FactCritic
-from illume.generation import GenerateRequest, Generator, SamplingParams
+from illume.generation.generator import GenerateRequest, Generator, SamplingParams
 from illume.models.loading import LoadedModel, ModelSettings, load_model
 from illume.world import FAMILIES, WorldItem, generate, render_scene
 

@@ -6,7 +6,7 @@ Contract: builds the evaluation world (seed 0; ``--train`` train items, ``--val`
 ``--out``, turns every gold rationale of every train item into an accepted rationale
 (``JudgedItem(accepted=golds)``), builds a snapshot (``illume.training.build_snapshot``, with
 ``--replay-ratio`` answer rows per rationale row) and trains one LoRA adapter on it with
-``illume.training.train_round``, then evaluates base and adapter with ``illume.evaluation.evaluate``
+``illume.training.train_round``, then evaluates base and adapter with ``illume.evaluation.evaluate.evaluate``
 (fact critic; greedy rationale acceptance, sampled acceptance, answer accuracy) and prints both
 as JSON. Uses only the public APIs of the training and evaluation modules.
 """
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from illume.critics import FactCritic
-    from illume.evaluation import evaluate_generator, load_generator
+    from illume.evaluation.evaluate import evaluate_generator, load_generator
     from illume.training import SnapshotConfig, TrainConfig, build_snapshot, train_round
     from illume.training.snapshot import JudgedItem
     from illume.world import build_world

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from illume.artifacts import MARKER, ArtifactSettings, FsspecArtifactStore, open_artifact_store
+from illume.adapters.artifacts import MARKER, ArtifactSettings, FsspecArtifactStore, open_artifact_store
 from illume.errors import AlreadyExists, InvalidRequest, NotFound
 from tests.integration.conftest import free_port
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from illume.adapters import build_manifest
-from illume.artifacts import LocalArtifactStore
-from illume.generation import GenerateRequest, Generator, SamplingParams
+from illume.adapters.artifacts import LocalArtifactStore
+from illume.adapters.manifest import build_manifest
+from illume.generation.generator import GenerateRequest, Generator, SamplingParams
 from illume.models import ModelSettings, load_model, lora_target_regex
 from illume.models.loading import base_model_fingerprint
 

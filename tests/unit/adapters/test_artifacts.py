@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from illume.artifacts import (
+from illume.adapters.artifacts import (
     ArtifactSettings,
     FsspecArtifactStore,
     LocalArtifactStore,

@@ -8,14 +8,10 @@ import threading
 
 import pytest
 
-from illume.adapters import (
-    AdapterCache,
-    AdapterConflict,
-    AdapterVerificationError,
-    build_manifest,
-)
+from illume.adapters.cache import AdapterCache
+from illume.adapters.manifest import AdapterConflict, AdapterVerificationError, build_manifest
 from illume.errors import FailedPrecondition, InvalidRequest
-from illume.generation import Generator
+from illume.generation.generator import Generator
 from illume.models import ModelSettings, load_model
 from illume.models.tiny import build_tiny_vlm
 from illume.training.round import load_adapter_model

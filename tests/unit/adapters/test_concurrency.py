@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from illume.adapters import AdapterCache
+from illume.adapters.cache import AdapterCache
 
 from .conftest import make_request, signature
 

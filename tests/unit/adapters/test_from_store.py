@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from illume.gate import GateItem
+from illume.evaluation.gate import GateItem
 from illume.store import FeedbackStore, FeedbackSubmission, NewCandidate, StoreSettings, held_out_for
 from illume.training import build_snapshot
 from illume.training.from_store import gate_items, judged_items, question_key, store_image_loader

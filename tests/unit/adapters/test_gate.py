@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from illume.adapters import AdapterCache
+from illume.adapters.cache import AdapterCache
 from illume.data.vqax import VQAXItem
-from illume.gate import (
+from illume.evaluation.gate import (
     CuratedSetConfig,
     GateConfig,
     GateItem,

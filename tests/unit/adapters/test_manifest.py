@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from illume.adapters import (
+from illume.adapters.manifest import (
     MANIFEST_NAME,
     AdapterVerificationError,
     build_manifest,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from illume.data.vqax import VQAXItem
+from illume.generation.prompts import answer_prompt, rationale_prompt
 from illume.models.tiny import build_tiny_vlm
-from illume.prompts import answer_prompt, rationale_prompt
 from illume.training import JudgedItem, SnapshotConfig, build_snapshot
 from illume.world import build_world, world_texts
 

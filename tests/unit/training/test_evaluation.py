@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from illume.critics import FactCritic, RougeLCritic
-from illume.evaluation import CAPTION_METRICS, evaluate
+from illume.evaluation.evaluate import CAPTION_METRICS, evaluate
 from illume.evaluation_cli import add_eval_parser
 
 FAST = dict(n=3, temperatures=(0.7,), max_new_tokens=6, meteor=False, tokenize=False, progress=False)

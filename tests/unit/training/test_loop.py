@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-import illume.loop as loop_module
-from illume.loop import LoopConfig, run_loop
+import illume.training.loop as loop_module
 from illume.training import Snapshot, SnapshotConfig, TrainConfig
+from illume.training.loop import LoopConfig, run_loop
 
 
 def test_two_rounds_accumulate_train_and_sample_with_the_previous_adapter(

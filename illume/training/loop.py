@@ -36,8 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from illume.critics import Critic, FactCritic, RougeLCritic
 from illume.data.vqax import VQAXItem
-from illume.evaluation import EvalReport, critic_input, evaluate_generator, load_image
-from illume.generation import GenerateRequest, Generator, SamplingParams, chunked
+from illume.evaluation.evaluate import EvalReport, critic_input, evaluate_generator, load_image
+from illume.generation.generator import GenerateRequest, Generator, SamplingParams, chunked
 from illume.training.replay import replay_items
 from illume.training.round import TrainConfig, load_adapter_model, train_round
 from illume.training.snapshot import JudgedItem, SnapshotConfig, build_snapshot

@@ -7,9 +7,9 @@ Contract (DESIGN.md section 4, "The gate in production"):
   rationales annotators accepted for it. ``score(generator, adapter, items, config)`` decodes one
   greedy rationale per item for the item's stored answer (``Q: {q} A: {answer}, seeing that``,
   temperature 0, at most ``max_new_tokens``) and returns ILLUME's caption scores (percent, as
-  ``illume.metrics.caption_scores``) against the references, plus ``items``;
+  ``illume.evaluation.metrics.caption_scores``) against the references, plus ``items``;
 - **curated sets** (optional): VQA-X style items with gold explanations, scored by
-  ``score_curated`` through ``illume.evaluation.evaluate_generator``: the caption scores of the
+  ``score_curated`` through ``illume.evaluation.evaluate.evaluate_generator``: the caption scores of the
   greedy rationale, ``answer_accuracy`` and, per critic, ``acceptance/<critic>`` (share of
   questions with an accepted sampled candidate), ``acceptance/<critic>/per_candidate`` and
   ``acceptance/<critic>/greedy`` -- all in percent, so every tolerance is in points;
@@ -40,7 +40,7 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from illume.generation import GenerateRequest, Generator, SamplingParams, chunked
+from illume.generation.generator import GenerateRequest, Generator, SamplingParams, chunked
 
 HELD_OUT = "held_out"
 ITEMS_KEY = "items"
@@ -185,7 +185,7 @@ def score(
 ) -> dict[str, float]:
     """Caption scores (percent) of the greedy rationales of ``adapter`` (None: base) against the
     items' references, plus ``items``. METEOR is computed only if asked or configured."""
-    from illume.evaluation import caption_scores_by_group
+    from illume.evaluation.evaluate import caption_scores_by_group
 
     config = config or GateConfig()
     usable = [item for item in items if item.references]
@@ -215,7 +215,7 @@ def score_curated(
     batch_size: int = 8,
 ) -> dict[str, float]:
     """Scores of a curated VQA-X set (``VQAXItem``s with gold explanations), all in percent."""
-    from illume.evaluation import evaluate_generator
+    from illume.evaluation.evaluate import evaluate_generator
 
     critics = list(critics) if critics is not None else make_critics(config.critics)
     report = evaluate_generator(

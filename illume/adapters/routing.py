@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from illume.errors import IllumeError
-from illume.generation import GenerateRequest, GenerateResult, Generator
+from illume.generation.generator import GenerateRequest, GenerateResult, Generator
 from illume.store.registry import AdapterRegistry, parse_version
 from illume.store.types import adapter_name
 
@@ -74,8 +74,8 @@ class AdapterRouter:
         self.cache = None
         if store is None or not artifact_uri:
             return
-        from illume.adapters import AdapterCache
-        from illume.artifacts import open_artifact_store
+        from illume.adapters.artifacts import open_artifact_store
+        from illume.adapters.cache import AdapterCache
 
         self.registry = AdapterRegistry.open(store)
         self.cache = AdapterCache(

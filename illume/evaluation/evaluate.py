@@ -35,8 +35,8 @@ from typing import Any, Literal
 
 from illume.critics import Critic, CriticInput, FactCritic, RougeLCritic
 from illume.data.vqax import VQAXItem
-from illume.generation import GenerateRequest, Generator, SamplingParams, chunked
-from illume.metrics import acceptance, answer_accuracy, caption_scores, normalise_answer
+from illume.evaluation.metrics import acceptance, answer_accuracy, caption_scores, normalise_answer
+from illume.generation.generator import GenerateRequest, Generator, SamplingParams, chunked
 
 CAPTION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 EMPTY_PREDICTION = "<empty>"  # pycocoevalcap cannot score an empty string; this scores as a miss
@@ -330,7 +330,7 @@ def caption_scores_by_group(
     ``caption_scores(tokenize=False, meteor=False)`` and METEOR through one shared scorer.
     """
     from illume.critics.rouge import normalise
-    from illume.metrics import java_available, stop_meteor
+    from illume.evaluation.metrics import java_available, stop_meteor
 
     preds = {k: normalise(v) or EMPTY_PREDICTION for k, v in predictions.items()}
     refs = {k: [normalise(r) for r in references[k]] for k in predictions}

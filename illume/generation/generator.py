@@ -27,8 +27,8 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
+from illume.generation.prompts import answer_prompt, clean_answer, rationale_prompt
 from illume.models.loading import LoadedModel
-from illume.prompts import answer_prompt, clean_answer, rationale_prompt
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 SEED_STRIDE = 1_000_003
