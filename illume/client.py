@@ -2,10 +2,25 @@
 
 This module is the wire client, not part of the core: it is the one module of the package that
 imports the generated stubs (``illume.v1``, made by ``make proto``), lazily, and no core module
-imports it. Every call takes a deadline (``timeout`` seconds), which is also sent as
-``illume-timeout-ms`` metadata so the server drops work whose caller has given up; calls that fail
-with UNAVAILABLE are retried with exponential backoff within the deadline. Replies are the
-protobuf messages of ``protos/illume/v1/illume.proto``.
+imports it. Replies are the protobuf messages of ``protos/illume/v1/illume.proto``.
+
+Deadlines and retries. Every call takes a deadline (``timeout`` seconds from the call). Each
+attempt sends the time then left both as its gRPC timeout and as ``illume-timeout-ms`` metadata:
+gRPC's own deadline is not visible to a Serve deployment, so the server drops work whose caller
+has given up by that value (docs/SERVING.md). A call that fails with UNAVAILABLE (a replica is
+restarting) is retried up to ``retries`` times, after pauses of ``backoff_s``, 2x, 4x, ... A retry
+is made only if, when the attempt fails, the deadline leaves room for the pause plus
+``MIN_ATTEMPT_S`` for the next attempt; otherwise the UNAVAILABLE error is raised at once. So no
+pause runs past the deadline, no attempt starts with less than ``MIN_ATTEMPT_S`` left, and the
+caller sees the real cause rather than the DEADLINE_EXCEEDED of a hopeless last attempt. Other
+status codes are not retried. A server stream is retried the same way until its first message
+arrives, never after (that would repeat messages).
+
+The retries are this module's loop, not gRPC's ``retryPolicy`` (service config): with gRPC's
+retries the call's metadata is fixed when the call starts, so every retry would repeat the first
+attempt's ``illume-timeout-ms`` and the server would keep queued work past the moment its caller
+gives up. gRPC recomputes only its own ``grpc-timeout`` header per attempt, which the server does
+not see. The loop computes both from one reading of the clock per attempt.
 """
 
 from __future__ import annotations
@@ -19,7 +34,10 @@ from typing import Any
 
 import grpc
 
+from illume.adapters import PRODUCTION
+
 DEFAULT_TIMEOUT_S = 60.0
+MIN_ATTEMPT_S = 0.05  # a retry is made only if at least this much of the deadline is left for it
 API_KEY_ENV = "ILLUME_API_KEY"
 
 
@@ -74,28 +92,42 @@ class IllumeClient:
     # -- plumbing ------------------------------------------------------------------------------
 
     def _metadata(self, timeout: float) -> list[tuple[str, str]]:
-        metadata = [("illume-timeout-ms", str(int(timeout * 1000)))]
+        """Per-attempt metadata: ``timeout`` is the time left to the caller's deadline (seconds)."""
+        metadata = [("illume-timeout-ms", str(max(0, int(timeout * 1000))))]
         if self.api_key:
             metadata.append(("authorization", f"Bearer {self.api_key}"))
         return metadata
 
+    def _attempt_options(self, deadline: float) -> dict[str, Any]:
+        """The gRPC timeout and the metadata of an attempt that starts now, from one clock reading."""
+        remaining = max(deadline - time.monotonic(), 0.001)
+        return {"timeout": remaining, "metadata": self._metadata(remaining)}
+
+    def _pause_before_retry(self, error: grpc.RpcError, retries_done: int, deadline: float) -> float | None:
+        """Seconds to wait before retrying a failed attempt, or None when the error is final."""
+        if retries_done >= self.retries or error.code() != grpc.StatusCode.UNAVAILABLE:
+            return None
+        pause = self.backoff_s * 2**retries_done
+        if deadline - time.monotonic() - pause < MIN_ATTEMPT_S:
+            return None
+        return pause
+
     def _call(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
         deadline = time.monotonic() + (timeout or DEFAULT_TIMEOUT_S)
-        attempt = 0
+        retries_done = 0
         while True:
-            remaining = deadline - time.monotonic()
             try:
-                return method(request, timeout=max(remaining, 0.001), metadata=self._metadata(remaining))
-            except grpc.RpcError as exc:
-                pause = self.backoff_s * (2**attempt)
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries or remaining <= pause:
+                return method(request, **self._attempt_options(deadline))
+            except grpc.RpcError as error:
+                pause = self._pause_before_retry(error, retries_done, deadline)
+                if pause is None:
                     raise
-                attempt += 1
-                time.sleep(pause)
+            retries_done += 1
+            time.sleep(pause)
 
     def _stream(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Iterator[Any]:
-        timeout = timeout or DEFAULT_TIMEOUT_S
-        return method(request, timeout=timeout, metadata=self._metadata(timeout))
+        deadline = time.monotonic() + (timeout or DEFAULT_TIMEOUT_S)
+        return _RetryingStream(self, method, request, deadline)
 
     # -- RationaleService ----------------------------------------------------------------------
 
@@ -294,7 +326,7 @@ class IllumeClient:
     def promote(
         self,
         adapter: str,
-        alias: str = "production",
+        alias: str = PRODUCTION,
         namespace: str = "",
         canary_share: float = 0.0,
         timeout: float | None = None,
@@ -325,3 +357,52 @@ class IllumeClient:
             namespace=namespace, page_size=page_size, page_token=page_token
         )
         return self._call(self.admin.ListTuningRounds, request, timeout)
+
+
+class _RetryingStream:
+    """The messages of a server-streaming call, retried on UNAVAILABLE until the first one arrives.
+
+    The first attempt starts at once, as a plain gRPC call does. Attributes other than iteration
+    (``code()``, ``details()``, ``initial_metadata()``, ...) are those of the current attempt.
+    """
+
+    def __init__(self, client: IllumeClient, method: Callable[..., Any], request: Any, deadline: float):
+        self._client, self._method, self._request, self._deadline = client, method, request, deadline
+        self._retries_done = 0
+        self._received = False
+        self._cancelled = False
+        self._call = method(request, **client._attempt_options(deadline))
+
+    def __iter__(self) -> _RetryingStream:
+        return self
+
+    def __next__(self) -> Any:
+        while True:
+            try:
+                message = next(self._call)
+            except grpc.RpcError as error:
+                pause = (
+                    None
+                    if self._received or self._cancelled
+                    else self._client._pause_before_retry(error, self._retries_done, self._deadline)
+                )
+                if pause is None:
+                    raise
+                failed = error
+            else:
+                self._received = True
+                return message
+            self._retries_done += 1
+            time.sleep(pause)
+            if self._cancelled:  # by another thread during the pause
+                raise failed
+            self._call = self._method(self._request, **self._client._attempt_options(self._deadline))
+
+    def cancel(self) -> bool:
+        self._cancelled = True
+        return self._call.cancel()
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_call":
+            raise AttributeError(name)
+        return getattr(self._call, name)
