@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, Field
@@ -70,3 +71,12 @@ def _check_header(image: Image.Image, limits: ImageLimits) -> None:
         raise InvalidRequest(f"image is {width}x{height} pixels; the limit is {limits.max_pixels} pixels")
     if getattr(image, "n_frames", 1) > 1 and not limits.allow_animated:
         raise InvalidRequest("animated images are not accepted")
+
+
+# Local data files (training pools, evaluation sets) are trusted for size but not for format.
+LOCAL_FILE_LIMITS = ImageLimits(max_bytes=1 << 30)
+
+
+def load_image_file(path: str | Path) -> Image.Image:
+    """Decode a local image file (a data set's or a snapshot's) the way client images are decoded."""
+    return decode_image(Path(path).read_bytes(), LOCAL_FILE_LIMITS)

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from illume.critics import CriticInput, FactCritic, RougeLCritic
+from illume.adapters import PRODUCTION
+from illume.critics import FactCritic, critic_input, make_critic
 from illume.data import VQAXItem
 from illume.evaluation.metrics import answer_accuracy
 
@@ -44,16 +45,6 @@ class RoundRow:
     held_out: dict[str, Any] = field(default_factory=dict)
 
 
-def _critic_input(item: VQAXItem) -> CriticInput:
-    return CriticInput(
-        question=item.question,
-        answer=item.answer,
-        references=list(item.explanations),
-        scene=item.extra.get("scene"),
-        extra={"facts": item.extra.get("facts")},
-    )
-
-
 def _image_bytes(item: VQAXItem) -> bytes:
     return Path(item.image_path).read_bytes()
 
@@ -71,7 +62,7 @@ class Simulator:
         log: Callable[[str], None] = print,
     ) -> None:
         self.client = client
-        self.critic = FactCritic() if critic == "fact" else RougeLCritic()
+        self.critic = make_critic(critic)
         self.fact = FactCritic()
         self.n = n
         self.concurrency = concurrency
@@ -90,7 +81,7 @@ class Simulator:
                 namespace=self.namespace,
                 timeout=600,
             )
-            verdicts = self.critic.judge_all([c.text for c in reply.candidates], _critic_input(item))
+            verdicts = self.critic.judge_all([c.text for c in reply.candidates], critic_input(item))
             fitting = [c.candidate_id for c, v in zip(reply.candidates, verdicts, strict=True) if v.accepted]
             self.client.submit_feedback(
                 reply.generation_id,
@@ -149,7 +140,7 @@ class Simulator:
                 ephemeral=True,
                 timeout=600,
             )
-            ctx = _critic_input(item)
+            ctx = critic_input(item)
             rationale_reply = self.client.generate(
                 _image_bytes(item),
                 item.question,
@@ -197,9 +188,7 @@ class Simulator:
             row.rationale_rows, row.answer_rows = record.rationale_rows, record.answer_rows
             scores = json.loads(record.scores_json or "{}")
             row.held_out = scores.get("gate", {})
-            row.adapter = (
-                f"rationale-v{record.adapter_version}" if record.state == "promoted" else "production"
-            )
+            row.adapter = f"rationale-v{record.adapter_version}" if record.state == "promoted" else PRODUCTION
             row.val_accept_candidate, row.val_accept_question, row.val_answer_accuracy = self.measure(val)
             rows.append(row)
             self.log(format_row(row))
@@ -215,7 +204,7 @@ HEADER = (
 def format_row(row: RoundRow) -> str:
     gate = row.held_out or {}
     cand = gate.get("candidate", {}).get("held_out", {})
-    prod = gate.get("production", {}).get("held_out", {})
+    prod = gate.get(PRODUCTION, {}).get("held_out", {})
     held = f"{cand.get('ROUGE-L', float('nan')):.1f}/{prod.get('ROUGE-L', float('nan')):.1f}" if cand else "-"
     return (
         f"{row.round} | {row.feedback} | {row.accepted} | {row.rationale_rows} | {row.answer_rows} | "

@@ -26,6 +26,8 @@ SERVICER_FUNCTIONS = [
     "illume.v1.illume_pb2_grpc.add_AdminServiceServicer_to_server",
 ]
 APP_NAME = "illume"
+# Serve routes gRPC only to applications that have a route prefix (even though no HTTP is served).
+ROUTE_PREFIX = "/"
 DEFAULT_GRPC_PORT = 50051
 # Lowered from Serve's default of about 2 GiB; a request is an image plus a little text.
 DEFAULT_GRPC_MAX_MESSAGE_BYTES = 16 * 1024 * 1024

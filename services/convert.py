@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from illume.errors import InvalidRequest
-from illume.generation.generator import SamplingParams
+from illume.generation.generator import CandidateOut, GenerateRequest, SamplingParams
 from illume.store.types import (
     AdapterFeedbackStats,
     AdapterRecord,
@@ -20,6 +20,7 @@ from illume.store.types import (
     FeedbackSubmission,
     GenerationRecord,
     Judgement,
+    NewGeneration,
     RoundRecord,
     rfc3339,
 )
@@ -67,9 +68,10 @@ def sampling_to_pb(sampling: SamplingParams | Mapping[str, Any]) -> pb.SamplingP
     )
 
 
-def candidate_to_pb(candidate: CandidateRecord) -> pb.Candidate:
+def candidate_to_pb(candidate: CandidateRecord | CandidateOut) -> pb.Candidate:
+    """A stored candidate, or a sampled one of an ephemeral generation (which has no id)."""
     return pb.Candidate(
-        candidate_id=candidate.candidate_id,
+        candidate_id=candidate.candidate_id if isinstance(candidate, CandidateRecord) else "",
         index=candidate.index,
         text=candidate.text,
         temperature=candidate.temperature,
@@ -199,4 +201,54 @@ def round_to_pb(record: RoundRecord) -> pb.TuningRound:
         job_id=record.job_id,
         started_at=rfc3339(record.started_at),
         finished_at=rfc3339(record.finished_at) if record.finished_at else "",
+    )
+
+
+def new_generation(
+    request: pb.GenerateRequest, core: GenerateRequest, namespace: str, outcome: Any
+) -> NewGeneration:
+    """What the FeedbackLog stores of a served ``Generate``: the request as asked (raw image bytes,
+    the adapter reference and client id), the validated question and sampling, and the outcome of a
+    ``GeneratorDeployment`` (the result, the adapter version that ran, the model)."""
+    result = outcome.result
+    return NewGeneration(
+        namespace=namespace,
+        image=request.image,
+        question=core.question,
+        answer=result.answer,
+        answer_generated=result.answer_generated,
+        candidates=tuple(result.candidates),
+        sampling=dict(core.sampling.__dict__),
+        seed=result.seed,
+        adapter_requested=request.adapter,
+        adapter_version=outcome.adapter_version,
+        model_id=outcome.model_id,
+        client_request_id=request.client_request_id,
+    )
+
+
+def generate_response_to_pb(
+    request: pb.GenerateRequest, outcome: Any, record: GenerationRecord | None, total_ms: float
+) -> pb.GenerateResponse:
+    """The reply to ``Generate``: the stored generation's ids when it was logged (``record``), the
+    sampled candidates without ids when it was ephemeral, and where the time went."""
+    result = outcome.result
+    candidates = record.candidates if record is not None else result.candidates
+    return pb.GenerateResponse(
+        generation_id=record.generation_id if record is not None else "",
+        held_out=record.held_out if record is not None else False,
+        answer=result.answer,
+        answer_generated=result.answer_generated,
+        seed=result.seed,
+        adapter_requested=request.adapter,
+        adapter_version=outcome.adapter_version,
+        model_id=outcome.model_id,
+        client_request_id=request.client_request_id,
+        candidates=[candidate_to_pb(c) for c in candidates],
+        timings=pb.Timings(
+            queue_ms=outcome.queue_ms,
+            generate_ms=outcome.generate_ms,
+            total_ms=total_ms,
+            batch_size=outcome.batch_size,
+        ),
     )

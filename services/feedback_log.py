@@ -19,6 +19,7 @@ from illume.store.types import (
     FeedbackStats,
     FeedbackSubmission,
     GenerationRecord,
+    NewGeneration,
 )
 from services import metrics
 from services.config import FeedbackLogSettings
@@ -36,9 +37,9 @@ class FeedbackLogDeployment:
     def store_settings(self) -> StoreSettings:
         return self.settings.store
 
-    async def record_generation(self, **fields: Any) -> GenerationRecord:
-        """Store a generation; the fields are those of ``FeedbackStore.record_generation``."""
-        return await self.store.arecord_generation(**fields)
+    async def record_generation(self, generation: NewGeneration) -> GenerationRecord:
+        """Store a generation (``FeedbackStore.record_generation``)."""
+        return await self.store.arecord_generation(generation)
 
     async def submit_feedback(self, submission: FeedbackSubmission) -> FeedbackReceipt:
         receipt = await self.store.asubmit_feedback(submission)

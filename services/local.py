@@ -24,6 +24,7 @@ from services.auth import key_sha256
 from services.config import (
     APP_NAME,
     DEFAULT_GRPC_MAX_MESSAGE_BYTES,
+    ROUTE_PREFIX,
     SERVICER_FUNCTIONS,
     AppConfig,
     TuningSettings,
@@ -31,8 +32,6 @@ from services.config import (
 )
 
 ROLES = ("client", "annotator", "admin")
-# Serve routes gRPC only to applications that have a route prefix (even though no HTTP is served).
-ROUTE_PREFIX = "/"
 # How long `illume serve` waits for a Ray cluster stopped just before to release its agent port.
 AGENT_PORT_WAIT_S = 30.0
 

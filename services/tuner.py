@@ -31,13 +31,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from illume.adapters import PRODUCTION
 from illume.store import AdapterRegistry, FeedbackStore
 from illume.store.types import RoundRecord
 from illume.training.snapshot import ReplayItem, Snapshot, build_snapshot
 from services.config import AppConfig
 
 log = logging.getLogger("illume.tuner")
-PRODUCTION = "production"
 
 
 def encode_config(config: AppConfig) -> str:
@@ -199,8 +199,8 @@ def _gate(
         open_artifact_store(config.artifact_uri, config.artifact_options or None).get_dir(
             production.artifact_uri, local
         )
-        loaded.model.load_adapter(local, adapter_name="production", is_trainable=False)
-        production_name = "production"
+        loaded.model.load_adapter(local, adapter_name=PRODUCTION, is_trainable=False)
+        production_name = PRODUCTION
     return evaluate_gate(Generator(loaded), "candidate", production_name, items, gate, curated), len(items)
 
 
@@ -274,7 +274,7 @@ def run_round(config: AppConfig, namespace: str, round_id: str) -> RoundRecord:
         )
         scores = {
             **trigger,
-            "gate": {"candidate": decision.candidate, "production": decision.production, "items": gate_count},
+            "gate": {"candidate": decision.candidate, PRODUCTION: decision.production, "items": gate_count},
             "train": record.manifest.get("metrics", {}),
             "timings": timings,
         }

@@ -11,3 +11,8 @@
 
 Plain Python (no Ray, no protobuf); ``services.generator`` wires the router into a replica.
 """
+
+# The aliases a namespace routes by: production serves unpinned traffic, canary a configured share.
+PRODUCTION = "production"
+CANARY = "canary"
+ALIASES = (PRODUCTION, CANARY)

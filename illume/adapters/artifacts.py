@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, Field, SecretStr
 
+from illume.durable import fsync_dir, fsync_tree
 from illume.errors import AlreadyExists, InvalidRequest, NotFound
 
 MARKER = ".illume-artifact.json"
@@ -143,23 +144,6 @@ def _safe_relative(name: str) -> str:
     return name
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    for directory in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
-        _fsync_dir(directory)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _prepare_target(local_dir: Path) -> Path:
     """The temporary sibling a download goes to; ``local_dir`` must not exist or be empty."""
     if local_dir.exists():
@@ -233,14 +217,14 @@ class LocalArtifactStore(ArtifactStore):
         tmp = target.parent / f"{_TMP_PREFIX}{target.name}-{uuid.uuid4().hex}"
         try:
             shutil.copytree(local_dir, tmp, symlinks=False)
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             try:
                 os.rename(tmp, target)  # atomic; fails if another writer got there first
             except OSError:
                 if target.exists():
                     return self._existing(uri, target, files)
                 raise
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

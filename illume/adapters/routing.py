@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from illume.adapters import CANARY, PRODUCTION
 from illume.errors import IllumeError
 from illume.generation.generator import GenerateRequest, GenerateResult, Generator
 from illume.store.registry import AdapterRegistry, parse_version
@@ -34,7 +35,6 @@ from illume.store.types import adapter_name
 
 log = logging.getLogger("ray.serve")
 BASE_LABEL = "base"
-PRODUCTION, CANARY = "production", "canary"
 
 
 @dataclass(frozen=True)

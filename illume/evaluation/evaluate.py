@@ -33,19 +33,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from illume.critics import Critic, CriticInput, FactCritic, RougeLCritic
+from illume.critics import CRITICS, Critic, critic_input, make_critic
 from illume.data.vqax import VQAXItem
 from illume.evaluation.metrics import acceptance, answer_accuracy, caption_scores, normalise_answer
 from illume.generation.generator import GenerateRequest, Generator, SamplingParams, chunked
+from illume.images import load_image_file
 
 CAPTION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 EMPTY_PREDICTION = "<empty>"  # pycocoevalcap cannot score an empty string; this scores as a miss
 NO_FAMILY = "other"
-
-
-def default_critics() -> list[Critic]:
-    """The paper's ROUGE-L critic and the world's fact critic."""
-    return [RougeLCritic(), FactCritic()]
 
 
 @dataclass(frozen=True)
@@ -142,25 +138,6 @@ def family_of(item: VQAXItem) -> str:
     return str(item.extra.get("family") or NO_FAMILY)
 
 
-def critic_input(item: VQAXItem, answer: str) -> CriticInput:
-    """What a critic sees for one item: references are the gold explanations, scene from extras."""
-    scene = item.extra.get("scene")
-    return CriticInput(
-        question=item.question,
-        answer=answer,
-        references=tuple(item.explanations),
-        scene=scene if isinstance(scene, Mapping) else None,
-        extra=dict(item.extra),
-    )
-
-
-def load_image(path: str | Path):
-    """Decode an item's image file the way client images are decoded."""
-    from illume.images import ImageLimits, decode_image
-
-    return decode_image(Path(path).read_bytes(), ImageLimits(max_bytes=1 << 30))
-
-
 def evaluate_generator(
     generator: Generator,
     items: Sequence[VQAXItem],
@@ -185,7 +162,7 @@ def evaluate_generator(
 
     if condition_on not in ("gold", "model"):
         raise ValueError(f"condition_on must be 'gold' or 'model', not {condition_on!r}")
-    critics = list(critics) if critics is not None else default_critics()
+    critics = list(critics) if critics is not None else [make_critic(name) for name in CRITICS]
     started = time.perf_counter()
     chosen = list(items)[:limit] if limit is not None else list(items)
     results: list[ItemResult] = []
@@ -259,7 +236,7 @@ def _evaluate_chunk(
     sampling: SamplingParams,
     condition_on: str,
 ) -> list[ItemResult]:
-    images = [load_image(item.image_path) for item in chunk]
+    images = [load_image_file(item.image_path) for item in chunk]
     greedy = SamplingParams(
         n=1, temperatures=(0.0,), top_k_fraction=1.0, max_new_tokens=sampling.max_new_tokens
     )
@@ -455,8 +432,6 @@ __all__ = [
     "GroupScores",
     "ItemResult",
     "caption_scores_by_group",
-    "critic_input",
-    "default_critics",
     "evaluate",
     "evaluate_generator",
     "item_seed",

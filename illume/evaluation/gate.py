@@ -40,6 +40,8 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from illume.adapters import PRODUCTION
+from illume.critics import make_critic
 from illume.generation.generator import GenerateRequest, Generator, SamplingParams, chunked
 
 HELD_OUT = "held_out"
@@ -144,7 +146,7 @@ class GateDecision:
             "promote": self.promote,
             "reason": self.reason,
             "candidate": self.candidate,
-            "production": self.production,
+            PRODUCTION: self.production,
             "checks": self.checks,
         }
 
@@ -217,7 +219,7 @@ def score_curated(
     """Scores of a curated VQA-X set (``VQAXItem``s with gold explanations), all in percent."""
     from illume.evaluation.evaluate import evaluate_generator
 
-    critics = list(critics) if critics is not None else make_critics(config.critics)
+    critics = list(critics) if critics is not None else [make_critic(name) for name in config.critics]
     report = evaluate_generator(
         generator,
         items,
@@ -241,17 +243,6 @@ def score_curated(
         out[f"acceptance/{name}/per_candidate"] = 100 * values["per_candidate"]
         out[f"acceptance/{name}/greedy"] = 100 * values["greedy"]
     return out
-
-
-def make_critics(names: Sequence[str]) -> list[Any]:
-    """Critic instances by name (``rouge_l``, ``fact``)."""
-    from illume.critics import FactCritic, RougeLCritic
-
-    known = {RougeLCritic.name: RougeLCritic, FactCritic.name: FactCritic}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"unknown critic {unknown[0]!r}; choose from {', '.join(sorted(known))}")
-    return [known[n]() for n in names]
 
 
 def score_all(
@@ -340,7 +331,7 @@ def decide(candidate: Mapping[str, Any], production: Mapping[str, Any], config: 
     for set_name, rules in config.sets().items():
         cand, prod = cand_sets.get(set_name), prod_sets.get(set_name)
         if cand is None or prod is None:
-            side = "candidate" if cand is None else "production"
+            side = "candidate" if cand is None else PRODUCTION
             failures.append(f"{set_name}: no {side} scores")
             continue
         items, prod_items = _num(cand.get(ITEMS_KEY)), _num(prod.get(ITEMS_KEY))
@@ -364,7 +355,7 @@ def decide(candidate: Mapping[str, Any], production: Mapping[str, Any], config: 
                     "set": set_name,
                     "metric": metric,
                     "candidate": c,
-                    "production": p,
+                    PRODUCTION: p,
                     "tolerance": tolerance,
                     "ok": ok,
                 }
@@ -404,7 +395,6 @@ __all__ = [
     "decide",
     "evaluate_gate",
     "greedy_rationales",
-    "make_critics",
     "score",
     "score_all",
     "score_curated",

@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 
 from illume.store.feedback import FeedbackStore
 from illume.store.settings import StoreSettings
-from illume.store.types import FeedbackSubmission, NewCandidate
+from illume.store.types import FeedbackSubmission, NewCandidate, NewGeneration
 
 
 def bench_writes(url: str, writers: int, writes_per_writer: int, group_commit: bool) -> dict[str, Any]:
@@ -42,17 +42,19 @@ def bench_writes(url: str, writers: int, writes_per_writer: int, group_commit: b
     store = FeedbackStore(settings)
     try:
         gen = store.record_generation(
-            namespace="bench",
-            image=b"bench-image",
-            question="q",
-            answer="a",
-            answer_generated=False,
-            candidates=[NewCandidate("x", 0.3, 1), NewCandidate("y", 0.9, 1)],
-            sampling={},
-            seed=0,
-            adapter_requested="",
-            adapter_version="base",
-            model_id="bench",
+            NewGeneration(
+                namespace="bench",
+                image=b"bench-image",
+                question="q",
+                answer="a",
+                answer_generated=False,
+                candidates=[NewCandidate("x", 0.3, 1), NewCandidate("y", 0.9, 1)],
+                sampling={},
+                seed=0,
+                adapter_requested="",
+                adapter_version="base",
+                model_id="bench",
+            )
         )
         fitting = (gen.candidates[0].candidate_id,)
         barrier = threading.Barrier(writers + 1)

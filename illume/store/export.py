@@ -37,13 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from illume.errors import InvalidRequest
-
-RATIONALE_PROMPT = "Q: {question} A: {answer}, seeing that"
-
-
-def rationale_prompt(question: str, answer: str) -> str:
-    """ILLUME's rationale prompt (the answer is part of the prompt)."""
-    return RATIONALE_PROMPT.format(question=question, answer=answer)
+from illume.generation.prompts import rationale_prompt
 
 
 def _completion(text: str) -> str:

@@ -44,6 +44,7 @@ from sqlalchemy import Connection, Integer, and_, delete, func, insert, select, 
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from illume.durable import fsync_dir
 from illume.errors import AlreadyExists, InvalidRequest, NotFound
 from illume.store import schema as s
 from illume.store.export import (
@@ -66,10 +67,11 @@ from illume.store.types import (
     FeedbackSubmission,
     GenerationRecord,
     Judgement,
-    NewCandidate,
+    NewGeneration,
     candidate_id_for,
     new_id,
     normalize_namespace,
+    parse_rfc3339,
     rfc3339,
     utcnow,
 )
@@ -89,10 +91,6 @@ def held_out_for(image_sha256: str, fraction: float) -> bool:
         return False
     digest = hashlib.sha256(b"illume/held-out\x00" + image_sha256.encode("ascii")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
-
-
-def _parse_ts(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def _body_sha256(sub: FeedbackSubmission, namespace: str) -> str:
@@ -136,14 +134,6 @@ def _validate_submission(sub: FeedbackSubmission) -> None:
         raise InvalidRequest(f"corrected_rationale is longer than {MAX_CORRECTED_LEN} characters")
     if sub.answer_correct is not None and not isinstance(sub.answer_correct, bool):
         raise InvalidRequest("answer_correct must be true, false or absent")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FeedbackStore:
@@ -217,8 +207,8 @@ class FeedbackStore:
             os.replace(tmp, path)  # atomic: readers see no file or the whole file
         # Always fsync the directory entries: a concurrent writer of the same image may have
         # renamed the file without having fsynced the directory yet.
-        _fsync_dir(path.parent)
-        _fsync_dir(path.parent.parent)
+        fsync_dir(path.parent)
+        fsync_dir(path.parent.parent)
 
     def get_image(self, image_sha256: str) -> bytes:
         """The stored bytes of an image; ``NotFound`` if no generation keeps it."""
@@ -239,41 +229,25 @@ class FeedbackStore:
 
     # -- generations ---------------------------------------------------------------------------
 
-    def _prepare_generation(
-        self,
-        *,
-        namespace: str,
-        image: bytes,
-        question: str,
-        answer: str,
-        answer_generated: bool,
-        candidates: Sequence[NewCandidate],
-        sampling: Mapping[str, Any],
-        seed: int,
-        adapter_requested: str,
-        adapter_version: str,
-        model_id: str,
-        client_request_id: str,
-        generation_id: str | None,
-    ) -> tuple[GenerationRecord, bytes]:
-        if not image:
+    def _prepare_generation(self, new: NewGeneration) -> tuple[GenerationRecord, bytes]:
+        if not new.image:
             raise InvalidRequest("image is empty")
-        if not 0 <= int(seed) <= _UINT64_MAX:
+        if not 0 <= int(new.seed) <= _UINT64_MAX:
             raise InvalidRequest("seed must be an unsigned 64-bit integer")
-        if len(client_request_id) > 128:
+        if len(new.client_request_id) > 128:
             raise InvalidRequest("client_request_id is longer than 128 characters")
-        for c in candidates:
+        for c in new.candidates:
             if c.finish_reason not in FINISH_REASONS:
                 raise InvalidRequest(f"finish_reason must be eos or length, not {c.finish_reason!r}")
-        gid = generation_id or new_id()
-        sha = hashlib.sha256(image).hexdigest()
+        gid = new.generation_id or new_id()
+        sha = hashlib.sha256(new.image).hexdigest()
         record = GenerationRecord(
             generation_id=gid,
-            namespace=normalize_namespace(namespace),
+            namespace=normalize_namespace(new.namespace),
             image_sha256=sha,
-            question=question,
-            answer=answer,
-            answer_generated=bool(answer_generated),
+            question=new.question,
+            answer=new.answer,
+            answer_generated=bool(new.answer_generated),
             candidates=tuple(
                 CandidateRecord(
                     candidate_id=candidate_id_for(gid, i),
@@ -284,18 +258,18 @@ class FeedbackStore:
                     finish_reason=c.finish_reason,
                     mean_logprob=float(c.mean_logprob),
                 )
-                for i, c in enumerate(candidates)
+                for i, c in enumerate(new.candidates)
             ),
-            sampling=dict(sampling),
-            seed=int(seed),
-            adapter_requested=adapter_requested,
-            adapter_version=adapter_version,
-            model_id=model_id,
+            sampling=dict(new.sampling),
+            seed=int(new.seed),
+            adapter_requested=new.adapter_requested,
+            adapter_version=new.adapter_version,
+            model_id=new.model_id,
             held_out=self.is_held_out(sha),
-            client_request_id=client_request_id,
+            client_request_id=new.client_request_id,
             created_at=utcnow(),
         )
-        return record, image
+        return record, new.image
 
     def _generation_op(self, record: GenerationRecord, image: bytes) -> Any:
         def op(conn: Connection) -> GenerationRecord:
@@ -357,54 +331,20 @@ class FeedbackStore:
 
         return op
 
-    def record_generation(
-        self,
-        *,
-        namespace: str,
-        image: bytes,
-        question: str,
-        answer: str,
-        answer_generated: bool,
-        candidates: Sequence[NewCandidate],
-        sampling: Mapping[str, Any],
-        seed: int,
-        adapter_requested: str,
-        adapter_version: str,
-        model_id: str,
-        client_request_id: str = "",
-        generation_id: str | None = None,
-    ) -> GenerationRecord:
+    def record_generation(self, generation: NewGeneration) -> GenerationRecord:
         """Store a generation, its candidates and its image; returns it with ids and ``held_out``.
 
         ``generation_id`` may be pre-issued (``new_id()``) when the reply names it before the
         generation is stored (streaming); otherwise one is issued here.
         """
-        record, data = self._prepare_generation(
-            namespace=namespace,
-            image=image,
-            question=question,
-            answer=answer,
-            answer_generated=answer_generated,
-            candidates=candidates,
-            sampling=sampling,
-            seed=seed,
-            adapter_requested=adapter_requested,
-            adapter_version=adapter_version,
-            model_id=model_id,
-            client_request_id=client_request_id,
-            generation_id=generation_id,
-        )
+        record, data = self._prepare_generation(generation)
         if self._image_dir is not None:
             self._write_image_file(record.image_sha256, data)
         return self._writer.run(self._generation_op(record, data))
 
-    async def arecord_generation(self, **kwargs: Any) -> GenerationRecord:
+    async def arecord_generation(self, generation: NewGeneration) -> GenerationRecord:
         """``record_generation`` for asyncio callers; the event loop is never blocked."""
-        record, data = self._prepare_generation(
-            generation_id=kwargs.pop("generation_id", None),
-            client_request_id=kwargs.pop("client_request_id", ""),
-            **kwargs,
-        )
+        record, data = self._prepare_generation(generation)
         if self._image_dir is not None:
             await asyncio.to_thread(self._write_image_file, record.image_sha256, data)
         return await self._await_op(self._generation_op(record, data))
@@ -562,7 +502,7 @@ class FeedbackStore:
                     answer_correct=r.answer_correct,
                     corrected_rationale=corrected.get(r.feedback_id, ""),
                     revision=r.revision,
-                    created_at=_parse_ts(r.created_at),
+                    created_at=parse_rfc3339(r.created_at),
                 )
             )
         return [
@@ -581,7 +521,7 @@ class FeedbackStore:
                 model_id=g.model_id,
                 held_out=bool(g.held_out),
                 client_request_id=g.client_request_id,
-                created_at=_parse_ts(g.created_at),
+                created_at=parse_rfc3339(g.created_at),
                 judgements=tuple(judgements.get(g.generation_id, [])),
             )
             for g in gen_rows

@@ -30,13 +30,13 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, case, delete, func, insert, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from illume.adapters import PRODUCTION
 from illume.errors import FailedPrecondition, InvalidRequest, NotFound
 from illume.store import schema as s
 from illume.store.settings import StoreSettings
@@ -51,6 +51,7 @@ from illume.store.types import (
     adapter_name,
     new_id,
     normalize_namespace,
+    parse_rfc3339,
     rfc3339,
     utcnow,
 )
@@ -58,16 +59,11 @@ from illume.store.types import (
 log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "illume_registry"
-PRODUCTION = "production"
 _VERSION_RE = re.compile(r"^(?:rationale-v)?(\d{1,18})$")
 _ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 _ROUND_FIELDS = frozenset(
     {"reason", "snapshot_sha256", "rationale_rows", "answer_rows", "adapter_version", "scores", "job_id"}
 )
-
-
-def _parse_ts(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
 
 
 def _page_size(page_size: int) -> int:
@@ -209,7 +205,7 @@ class AdapterRegistry:
             manifest=json.loads(row.manifest_json),
             round_id=row.round_id,
             parent_version=int(row.parent_version),
-            created_at=_parse_ts(row.created_at) or utcnow(),
+            created_at=parse_rfc3339(row.created_at) or utcnow(),
             state=row.state,
             reason=row.reason,
         )
@@ -445,7 +441,7 @@ class AdapterRegistry:
                 alias=r.alias,
                 version=int(r.version),
                 share=r.share,
-                updated_at=_parse_ts(r.updated_at) or utcnow(),
+                updated_at=parse_rfc3339(r.updated_at) or utcnow(),
             )
             for r in rows
         }
@@ -489,8 +485,8 @@ class AdapterRegistry:
             adapter_version=int(row.adapter_version),
             scores=json.loads(row.scores_json),
             job_id=row.job_id,
-            started_at=_parse_ts(row.started_at) or utcnow(),
-            finished_at=_parse_ts(row.finished_at),
+            started_at=parse_rfc3339(row.started_at) or utcnow(),
+            finished_at=parse_rfc3339(row.finished_at),
         )
 
     def create_round(self, namespace: str, state: str = "pending", job_id: str = "") -> RoundRecord:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 FinishReason = Literal["eos", "length"]
 VerdictKind = Literal["selected", "none_fit", "skipped"]
@@ -69,20 +69,55 @@ def rfc3339(ts: datetime | None) -> str:
     return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def parse_rfc3339(value: str | None) -> datetime | None:
+    """The time a stored RFC 3339 string names (None for "" or None): the inverse of ``rfc3339``."""
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
 def normalize_namespace(namespace: str | None) -> str:
     """The wire contract's rule: an empty namespace means ``default``."""
     return namespace or DEFAULT_NAMESPACE
 
 
+class SampledCandidate(Protocol):
+    """What the store reads of a sampled candidate (the generator's ``CandidateOut`` is one)."""
+
+    text: str
+    temperature: float
+    token_count: int
+    finish_reason: str
+    mean_logprob: float
+
+
 @dataclass(frozen=True)
 class NewCandidate:
-    """A sampled candidate as the generator hands it to the store (the store issues the id)."""
+    """A sampled candidate built by hand (tools, tests): a ``SampledCandidate``; the store issues the id."""
 
     text: str
     temperature: float
     token_count: int
     finish_reason: FinishReason = "eos"
     mean_logprob: float = 0.0
+
+
+@dataclass(frozen=True)
+class NewGeneration:
+    """A generation as the serving path hands it to the store: the store validates it, issues the
+    generation and candidate ids (unless ``generation_id`` was pre-issued) and decides ``held_out``."""
+
+    namespace: str
+    image: bytes = field(repr=False)
+    question: str
+    answer: str
+    answer_generated: bool
+    candidates: Sequence[SampledCandidate]
+    sampling: Mapping[str, Any]
+    seed: int
+    adapter_requested: str
+    adapter_version: str
+    model_id: str
+    client_request_id: str = ""
+    generation_id: str | None = None
 
 
 @dataclass(frozen=True)

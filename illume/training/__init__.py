@@ -8,7 +8,6 @@ from illume.training.round import (
     RoundResult,
     TrainConfig,
     adapter_sha256,
-    path_image_loader,
     snapshot_loss,
     train_round,
 )
@@ -37,7 +36,6 @@ __all__ = [
     "build_snapshot",
     "loss_weight",
     "normalise_rationale",
-    "path_image_loader",
     "snapshot_loss",
     "train_round",
 ]

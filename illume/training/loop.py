@@ -34,10 +34,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from illume.critics import Critic, FactCritic, RougeLCritic
+from illume.critics import Critic, critic_input, make_critic
 from illume.data.vqax import VQAXItem
-from illume.evaluation.evaluate import EvalReport, critic_input, evaluate_generator, load_image
+from illume.evaluation.evaluate import EvalReport, evaluate_generator
 from illume.generation.generator import GenerateRequest, Generator, SamplingParams, chunked
+from illume.images import load_image_file
 from illume.training.replay import replay_items
 from illume.training.round import TrainConfig, load_adapter_model, train_round
 from illume.training.snapshot import JudgedItem, SnapshotConfig, build_snapshot
@@ -83,7 +84,7 @@ class LoopConfig(BaseModel):
 
 
 @dataclass
-class RoundRecord:
+class LoopRound:
     """One line of the loop's table."""
 
     round: int
@@ -111,7 +112,7 @@ class RoundRecord:
 @dataclass
 class LoopResult:
     baseline: dict[str, Any] | None
-    rounds: list[RoundRecord]
+    rounds: list[LoopRound]
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,14 +121,6 @@ class LoopResult:
             "rounds": [r.to_dict() for r in self.rounds],
             "seconds": self.seconds,
         }
-
-
-def make_critic(name: str, rouge_threshold: float = 0.7) -> Critic:
-    if name == "fact":
-        return FactCritic()
-    if name == "rouge_l":
-        return RougeLCritic(threshold=rouge_threshold)
-    raise ValueError(f"unknown critic {name!r} (fact or rouge_l)")
 
 
 def _seed(*parts: object) -> int:
@@ -160,7 +153,7 @@ def judge_pool(
     for chunk in chunked(list(items), config.batch_size):
         requests = [
             GenerateRequest(
-                image=load_image(item.image_path),
+                image=load_image_file(item.image_path),
                 question=item.question,
                 answer=item.answer,
                 sampling=SamplingParams(
@@ -176,7 +169,7 @@ def judge_pool(
         ]
         for item, reply in zip(chunk, generator.generate(requests), strict=True):
             texts = [c.text for c in reply.candidates]
-            verdicts = critic.judge_all(texts, critic_input(item, item.answer))
+            verdicts = critic.judge_all(texts, critic_input(item))
             judged.append(
                 JudgedItem(
                     item_id=item.question_id,
@@ -261,7 +254,7 @@ def run_loop(
         log(f"baseline: {format_val(baseline)}")
     log(table_header())
     history: list[JudgedItem] = []
-    records: list[RoundRecord] = []
+    records: list[LoopRound] = []
     adapter: str | None = None
     adapter_dir: Path | None = None
     rng = random.Random(_seed(config.seed, "order"))
@@ -299,7 +292,7 @@ def run_loop(
         report = evaluate_now(adapter)
         eval_seconds = time.perf_counter() - t0
         (round_dir / "eval.json").write_text(json.dumps(report.to_dict(samples=True), indent=1))
-        record = RoundRecord(
+        record = LoopRound(
             round=k,
             feedback=len(judged),
             candidates=sum(j.candidates_judged for j in judged),
@@ -352,7 +345,7 @@ def table_header() -> str:
     return " ".join(f"{c:>8}" for c in _COLUMNS[:-1]) + "  val"
 
 
-def table_line(r: RoundRecord) -> str:
+def table_line(r: LoopRound) -> str:
     loss = f"{r.train_loss:.3f}" if r.train_loss is not None else "-"
     cells = (
         r.round,
@@ -370,4 +363,4 @@ def table_line(r: RoundRecord) -> str:
     return " ".join(f"{c!s:>8}" for c in cells) + "  " + format_val(r.val)
 
 
-__all__ = ["LoopConfig", "LoopResult", "RoundRecord", "judge_pool", "make_critic", "run_loop"]
+__all__ = ["LoopConfig", "LoopResult", "LoopRound", "judge_pool", "run_loop"]

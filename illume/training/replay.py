@@ -8,7 +8,7 @@ Contract:
   writes them) into ``ReplayItem``s: the majority answer, and the image as ``file:<absolute
   path>``; items without an answer are skipped;
 - ``with_file_images(loader)`` wraps an image loader so that ``file:`` references are read from
-  disk by ``path_image_loader`` (decoded like a client image; every training worker must be able
+  disk by ``load_image_file`` (decoded like a client image; every training worker must be able
   to read that path) and every other reference goes to ``loader`` (image sha256s of the feedback
   store).
 
@@ -26,7 +26,7 @@ from PIL import Image
 
 from illume.data import load_vqax
 from illume.data.vqax import VQAXItem
-from illume.training.round import path_image_loader
+from illume.images import load_image_file
 from illume.training.snapshot import ReplayItem
 
 FILE_PREFIX = "file:"
@@ -56,7 +56,7 @@ def with_file_images(loader: Callable[[str], Image.Image]) -> Callable[[str], Im
 
     def load(ref: str) -> Image.Image:
         if ref.startswith(FILE_PREFIX):
-            return path_image_loader(ref.removeprefix(FILE_PREFIX))
+            return load_image_file(ref.removeprefix(FILE_PREFIX))
         return loader(ref)
 
     return load

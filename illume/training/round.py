@@ -51,6 +51,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from illume.images import load_image_file
 from illume.models.loading import (
     DEFAULT_LORA_PROJECTIONS,
     LoadedModel,
@@ -133,13 +134,6 @@ class RoundResult:
     @property
     def final_loss(self) -> float:
         return self.epochs[-1]["loss"] if self.epochs else math.nan
-
-
-def path_image_loader(ref: str) -> Image.Image:
-    """The default image loader: ``ref`` is a file path, decoded like a client image."""
-    from illume.images import ImageLimits, decode_image
-
-    return decode_image(Path(ref).read_bytes(), ImageLimits(max_bytes=1 << 30))
 
 
 # --- encoding --------------------------------------------------------------------------------
@@ -406,7 +400,7 @@ def train_round(
     reporter: Reporter | None = None,
     *,
     model_dir: str | Path,
-    image_loader: ImageLoader = path_image_loader,
+    image_loader: ImageLoader = load_image_file,
     out_dir: str | Path,
     parent_adapter: str | Path | None = None,
     prepare_model: Callable[[Any], Any] | None = None,
@@ -557,7 +551,7 @@ def snapshot_loss(
     model_dir: str | Path | None = None,
     loaded: LoadedModel | None = None,
     adapter_dir: str | Path | None = None,
-    image_loader: ImageLoader = path_image_loader,
+    image_loader: ImageLoader = load_image_file,
     batch_size: int = 8,
 ) -> dict[str, float]:
     """The weighted objective and the per-kind mean row losses of a model on ``snapshot`` (eval mode).
@@ -605,7 +599,6 @@ __all__ = [
     "encode_row",
     "load_adapter_model",
     "mean_row_weight",
-    "path_image_loader",
     "round_metadata",
     "row_losses",
     "snapshot_loss",

@@ -7,11 +7,12 @@ rationales for pretraining; and a grammar that checks rationales against the sce
 Ray or torch. See docs/WORLD.md.
 """
 
-from illume.world.build import SPLITS, WorldItem, build_world, generate, generate_split, world_texts
+from illume.world.build import SPLITS, WorldItem, build_world, generate, generate_split
 from illume.world.distractors import distractor_rationales, tagged_distractors
 from illume.world.language import gold_rationales
 from illume.world.questions import FAMILIES, Question, ask
 from illume.world.scene import WorldConfig, object_features, render_scene, sample_scene, scene_key
+from illume.world.texts import world_texts
 from illume.world.vocab import lexicon
 
 __all__ = [

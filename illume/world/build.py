@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,18 +151,3 @@ def build_world(
     }
     (out / "world.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
     return written
-
-
-def world_texts(items: Iterable[WorldItem | VQAXItem], distractors: int = 5, seed: int = 0) -> Iterator[str]:
-    """Every string of the world, for tokenizer training: the lexicon, then per item the question,
-    answer, gold rationales and ``distractors`` distractor rationales (seeded)."""
-    from illume.world.distractors import distractor_rationales
-
-    yield from lexicon()
-    for item in items:
-        yield item.question
-        yield item.answer
-        yield from item.rationales if isinstance(item, WorldItem) else item.explanations
-        if distractors:
-            qid = item.question_id
-            yield from distractor_rationales(item, random.Random(f"texts/{seed}/{qid}"), distractors)

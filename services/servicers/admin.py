@@ -11,15 +11,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from illume.adapters import ALIASES, CANARY, PRODUCTION
 from illume.errors import FailedPrecondition, InvalidRequest
-from illume.store.registry import PRODUCTION, AdapterRegistry
+from illume.store.registry import AdapterRegistry
 from illume.v1 import illume_pb2 as pb
 from illume.validation import RequestLimits, validate_namespace
 from services.auth import Caller
 from services.convert import adapter_to_pb, round_to_pb
 from services.servicers.base import ServicerBase, rpc
-
-ALIASES = ("production", "canary")
 
 
 class AdminServicer(ServicerBase):
@@ -61,7 +60,7 @@ class AdminServicer(ServicerBase):
             raise InvalidRequest(f"alias must be one of {', '.join(ALIASES)}")
         if not request.adapter:
             raise InvalidRequest("adapter is required (a version)")
-        share = request.canary_share if alias == "canary" else None
+        share = request.canary_share if alias == CANARY else None
         if share is not None and not 0.0 <= share <= 1.0:
             raise InvalidRequest("canary_share must be between 0 and 1")
         record = await asyncio.to_thread(self.registry.set_alias, namespace, alias, request.adapter, share)

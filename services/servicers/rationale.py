@@ -13,11 +13,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from illume.errors import InvalidRequest, error_for_code
-from illume.store.types import NewCandidate
+from illume.generation.generator import GenerateRequest
 from illume.v1 import illume_pb2 as pb
 from illume.validation import RequestLimits, build_generate_request, validate_namespace
 from services.auth import Caller
-from services.convert import FINISH_TO_PB, sampling_from_pb
+from services.convert import generate_response_to_pb, new_generation, sampling_from_pb
 from services.generator import GenerateOutcome, GenerateWork
 from services.servicers.base import ServicerBase, rpc, rpc_stream
 
@@ -47,16 +47,9 @@ class RationaleServicer(ServicerBase):
 
     async def _generate(self, request: pb.GenerateRequest, grpc_context: Any) -> pb.GenerateResponse:
         arrived = time.time()
-        if len(request.client_request_id) > MAX_CLIENT_REQUEST_ID:
-            raise InvalidRequest(f"client_request_id is longer than {MAX_CLIENT_REQUEST_ID} characters")
-        namespace = validate_namespace(request.namespace, self.limits)
-        sampling = sampling_from_pb(request.sampling, self.limits)
-        answer = request.answer if request.HasField("answer") else None
-        core_request = await asyncio.to_thread(
-            build_generate_request, self.limits, request.image, request.question, answer, sampling
-        )
+        namespace, core = await self._validate(request)
         work = GenerateWork(
-            request=core_request,
+            request=core,
             adapter_ref=request.adapter,
             namespace=namespace,
             deadline=deadline_from(grpc_context, arrived),
@@ -65,59 +58,24 @@ class RationaleServicer(ServicerBase):
         outcome: GenerateOutcome = await self.generator.generate.remote(work)
         if outcome.error_code:
             raise error_for_code(outcome.error_code, outcome.error_reason)
-        result = outcome.result
-        reply = pb.GenerateResponse(
-            answer=result.answer,
-            answer_generated=result.answer_generated,
-            seed=result.seed,
-            adapter_requested=request.adapter,
-            adapter_version=outcome.adapter_version,
-            model_id=outcome.model_id,
-            client_request_id=request.client_request_id,
-        )
-        generation_id, held_out, ids = "", False, {}
+        record = None
         if not request.ephemeral:
             record = await self.feedback_log.record_generation.remote(
-                namespace=namespace,
-                image=request.image,
-                question=core_request.question,
-                answer=result.answer,
-                answer_generated=result.answer_generated,
-                candidates=[
-                    NewCandidate(c.text, c.temperature, c.token_count, c.finish_reason, c.mean_logprob)
-                    for c in result.candidates
-                ],
-                sampling=dict(sampling.__dict__),
-                seed=result.seed,
-                adapter_requested=request.adapter,
-                adapter_version=outcome.adapter_version,
-                model_id=outcome.model_id,
-                client_request_id=request.client_request_id,
+                new_generation(request, core, namespace, outcome)
             )
-            generation_id, held_out = record.generation_id, record.held_out
-            ids = {c.index: c.candidate_id for c in record.candidates}
-        reply.generation_id, reply.held_out = generation_id, held_out
-        for c in result.candidates:
-            reply.candidates.append(
-                pb.Candidate(
-                    candidate_id=ids.get(c.index, ""),
-                    index=c.index,
-                    text=c.text,
-                    temperature=c.temperature,
-                    token_count=c.token_count,
-                    finish_reason=FINISH_TO_PB[c.finish_reason],
-                    mean_logprob=c.mean_logprob,
-                )
-            )
-        reply.timings.CopyFrom(
-            pb.Timings(
-                queue_ms=outcome.queue_ms,
-                generate_ms=outcome.generate_ms,
-                total_ms=(time.time() - arrived) * 1000,
-                batch_size=outcome.batch_size,
-            )
+        return generate_response_to_pb(request, outcome, record, (time.time() - arrived) * 1000)
+
+    async def _validate(self, request: pb.GenerateRequest) -> tuple[str, GenerateRequest]:
+        """The request's namespace and its core form (the image is decoded off the event loop)."""
+        if len(request.client_request_id) > MAX_CLIENT_REQUEST_ID:
+            raise InvalidRequest(f"client_request_id is longer than {MAX_CLIENT_REQUEST_ID} characters")
+        namespace = validate_namespace(request.namespace, self.limits)
+        sampling = sampling_from_pb(request.sampling, self.limits)
+        answer = request.answer if request.HasField("answer") else None
+        core = await asyncio.to_thread(
+            build_generate_request, self.limits, request.image, request.question, answer, sampling
         )
-        return reply
+        return namespace, core
 
     @rpc("client", pb.GenerateResponse)
     async def Generate(

@@ -67,9 +67,10 @@ def _config(model_dir: Path, data: Path, dashboard_port: int, replicas: int):
 def _train_adapters(config, items, count: int) -> list[int]:
     from illume.adapters.artifacts import open_artifact_store
     from illume.adapters.manifest import publish_adapter
+    from illume.images import load_image_file
     from illume.models.loading import base_model_fingerprint
     from illume.store import AdapterRegistry
-    from illume.training.round import TrainConfig, path_image_loader, train_round
+    from illume.training.round import TrainConfig, train_round
     from illume.training.snapshot import JudgedItem, build_snapshot
 
     model_dir = config.generator.model.path
@@ -91,7 +92,7 @@ def _train_adapters(config, items, count: int) -> list[int]:
     for seed in range(count):
         train = TrainConfig(epochs=1, max_steps=2, learning_rate=1e-2, seed=seed)
         out = Path(config.artifact_uri).parent / f"trained-{seed}"
-        train_round(snapshot, train, model_dir=model_dir, image_loader=path_image_loader, out_dir=out)
+        train_round(snapshot, train, model_dir=model_dir, image_loader=load_image_file, out_dir=out)
         record = publish_adapter(
             registry,
             artifacts,
@@ -197,7 +198,7 @@ def throughput(load_factory, seconds: float, swap=None, every: float = 2.0) -> f
 
 
 def write_judgements(config, items, count: int, seed: int = 0) -> None:
-    from illume.store import FeedbackStore
+    from illume.store import FeedbackStore, NewGeneration
     from illume.store.types import FeedbackSubmission, NewCandidate
     from illume.world import distractor_rationales
 
@@ -207,7 +208,7 @@ def write_judgements(config, items, count: int, seed: int = 0) -> None:
         for i in range(count):
             item = items[i % len(items)]
             texts = [item.explanations[0], *distractor_rationales(item, rng, 3)]
-            record = store.record_generation(
+            record = store.record_generation(NewGeneration(
                 namespace="default",
                 image=Path(item.image_path).read_bytes(),
                 question=item.question,
@@ -219,7 +220,7 @@ def write_judgements(config, items, count: int, seed: int = 0) -> None:
                 adapter_requested="",
                 adapter_version="base",
                 model_id="bench",
-            )
+            ))
             store.submit_feedback(
                 FeedbackSubmission(
                     generation_id=record.generation_id,

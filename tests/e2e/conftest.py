@@ -99,7 +99,7 @@ def e2e_app(grpc_port, dashboard_port, model_dir, e2e_dir) -> AppConfig:
     from ray import serve
 
     from services.app import build_app
-    from services.local import ROUTE_PREFIX
+    from services.config import ROUTE_PREFIX
 
     data = e2e_dir / "data"
     data.mkdir()

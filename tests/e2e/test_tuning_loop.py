@@ -17,11 +17,11 @@ import pytest
 from illume.adapters.artifacts import open_artifact_store
 from illume.adapters.manifest import publish_adapter
 from illume.generation.generator import GenerateRequest, Generator, SamplingParams
-from illume.images import decode_image
+from illume.images import decode_image, load_image_file
 from illume.models import ModelSettings, load_model
 from illume.models.loading import base_model_fingerprint
 from illume.store import AdapterRegistry
-from illume.training.round import TrainConfig, path_image_loader, train_round
+from illume.training.round import TrainConfig, train_round
 from illume.training.snapshot import JudgedItem, build_snapshot
 
 from .conftest import client, wait_until
@@ -111,9 +111,7 @@ def trained_versions(e2e_app, world, model_dir, tmp_path_factory) -> dict[int, P
     for seed in (1, 2, 3):
         out = tmp_path_factory.mktemp(f"trained-{seed}")
         config = TrainConfig(epochs=1, max_steps=3, learning_rate=5e-2, seed=seed)
-        result = train_round(
-            snapshot, config, model_dir=model_dir, image_loader=path_image_loader, out_dir=out
-        )
+        result = train_round(snapshot, config, model_dir=model_dir, image_loader=load_image_file, out_dir=out)
         record = publish_adapter(
             registry,
             artifacts,

@@ -64,7 +64,7 @@ def deploy(config: AppConfig) -> None:
     from ray import serve
 
     from services.app import build_app
-    from services.local import ROUTE_PREFIX
+    from services.config import ROUTE_PREFIX
 
     serve.run(build_app(config), name="illume", route_prefix=ROUTE_PREFIX)
 

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-from illume.store import FeedbackStore, FeedbackSubmission, NewCandidate, StoreSettings
+from illume.store import FeedbackStore, FeedbackSubmission, NewCandidate, NewGeneration, StoreSettings
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
             sys.stdout.flush()
 
     def new_generation() -> str:
-        gen = store.record_generation(
+        gen = store.record_generation(NewGeneration(
             namespace="",
             image=os.urandom(256),
             question="q",
@@ -39,7 +39,7 @@ def main() -> None:
             adapter_requested="",
             adapter_version="base",
             model_id="m",
-        )
+        ))
         ack("G", gen.generation_id)
         return gen.generation_id
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from illume.store import FeedbackStore, FeedbackSubmission, NewCandidate, StoreSettings
+from illume.store import FeedbackStore, FeedbackSubmission, NewCandidate, NewGeneration, StoreSettings
 from illume.store import schema as s
 
 CHILD = Path(__file__).with_name("durability_child.py")
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[3]
 def test_group_commit_16_threads(any_settings: StoreSettings):
     # Explicitly on: the default leaves it off on PostgreSQL.
     with FeedbackStore(any_settings.model_copy(update={"group_commit": True})) as st:
-        gen = st.record_generation(
+        gen = st.record_generation(NewGeneration(
             namespace="",
             image=b"img",
             question="q",
@@ -37,7 +37,7 @@ def test_group_commit_16_threads(any_settings: StoreSettings):
             adapter_requested="",
             adapter_version="base",
             model_id="m",
-        )
+        ))
         acked: list[list[str]] = [[] for _ in range(16)]
         barrier = threading.Barrier(16)
         commits_before = st.commit_count

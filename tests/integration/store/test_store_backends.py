@@ -8,11 +8,18 @@ import time
 import pytest
 
 from illume.errors import AlreadyExists, FailedPrecondition, InvalidRequest, NotFound
-from illume.store import AdapterRegistry, FeedbackStore, FeedbackSubmission, NewCandidate, StoreSettings
+from illume.store import (
+    AdapterRegistry,
+    FeedbackStore,
+    FeedbackSubmission,
+    NewCandidate,
+    NewGeneration,
+    StoreSettings,
+)
 
 
 def record(store: FeedbackStore, texts=("a b", "c d", "e f"), image: bytes = b"img", namespace: str = ""):
-    return store.record_generation(
+    return store.record_generation(NewGeneration(
         namespace=namespace,
         image=image,
         question="Why?",
@@ -24,7 +31,7 @@ def record(store: FeedbackStore, texts=("a b", "c d", "e f"), image: bytes = b"i
         adapter_requested="production",
         adapter_version="rationale-v1",
         model_id="tiny",
-    )
+    ))
 
 
 def test_feedback_contract(any_settings: StoreSettings):

@@ -10,7 +10,14 @@ import pytest
 from PIL import Image
 
 from illume.evaluation.gate import GateItem
-from illume.store import FeedbackStore, FeedbackSubmission, NewCandidate, StoreSettings, held_out_for
+from illume.store import (
+    FeedbackStore,
+    FeedbackSubmission,
+    NewCandidate,
+    NewGeneration,
+    StoreSettings,
+    held_out_for,
+)
 from illume.training import build_snapshot
 from illume.training.from_store import gate_items, judged_items, question_key, store_image_loader
 
@@ -49,7 +56,7 @@ def _generation(
     answer="red",
     version="base",
 ):
-    return store.record_generation(
+    return store.record_generation(NewGeneration(
         namespace="default",
         image=image if image is not None else _png(held_out),
         question=question,
@@ -61,7 +68,7 @@ def _generation(
         adapter_requested="",
         adapter_version=version,
         model_id="tiny",
-    )
+    ))
 
 
 _keys = itertools.count()

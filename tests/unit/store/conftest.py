@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from illume.store import FeedbackStore, GenerationRecord, NewCandidate, StoreSettings, held_out_for
+from illume.store import (
+    FeedbackStore,
+    GenerationRecord,
+    NewCandidate,
+    NewGeneration,
+    StoreSettings,
+    held_out_for,
+)
 
 _counter = itertools.count()
 
@@ -50,7 +57,7 @@ def make_generation(store: FeedbackStore) -> MakeGeneration:
         adapter_version: str = "base",
         image: bytes | None = None,
     ) -> GenerationRecord:
-        return store.record_generation(
+        return store.record_generation(NewGeneration(
             namespace=namespace,
             image=image if image is not None else image_bytes(held_out, store.settings.held_out_fraction),
             question=question,
@@ -64,6 +71,6 @@ def make_generation(store: FeedbackStore) -> MakeGeneration:
             adapter_requested="",
             adapter_version=adapter_version,
             model_id="tiny",
-        )
+        ))
 
     return make

@@ -10,7 +10,14 @@ import pytest
 from sqlalchemy import func, select
 
 from illume.errors import AlreadyExists, InvalidRequest, NotFound
-from illume.store import FeedbackStore, FeedbackSubmission, NewCandidate, StoreSettings, held_out_for
+from illume.store import (
+    FeedbackStore,
+    FeedbackSubmission,
+    NewCandidate,
+    NewGeneration,
+    StoreSettings,
+    held_out_for,
+)
 from illume.store import schema as s
 
 from .conftest import MakeGeneration, image_bytes
@@ -60,7 +67,7 @@ def test_image_stored_by_content_hash(store: FeedbackStore, make_generation: Mak
 
 def test_images_in_database_when_no_image_dir(tmp_path):
     with FeedbackStore(StoreSettings(url=f"sqlite:///{tmp_path}/f.db")) as st:
-        gen = st.record_generation(
+        gen = st.record_generation(NewGeneration(
             namespace="",
             image=b"abc",
             question="q",
@@ -72,13 +79,13 @@ def test_images_in_database_when_no_image_dir(tmp_path):
             adapter_requested="",
             adapter_version="base",
             model_id="m",
-        )
+        ))
         assert st.get_image(gen.image_sha256) == b"abc"
         assert count(st, s.images) == 1
 
 
 def test_seed_uint64_round_trips(store: FeedbackStore):
-    gen = store.record_generation(
+    gen = store.record_generation(NewGeneration(
         namespace="",
         image=b"i",
         question="q",
@@ -90,7 +97,7 @@ def test_seed_uint64_round_trips(store: FeedbackStore):
         adapter_requested="",
         adapter_version="base",
         model_id="m",
-    )
+    ))
     assert store.get_generation(gen.generation_id).seed == 2**64 - 1
 
 
@@ -113,7 +120,7 @@ def test_record_generation_rejects_bad_input(store: FeedbackStore, change):
         model_id="m",
     )
     with pytest.raises(InvalidRequest):
-        store.record_generation(**{**kwargs, **change})
+        store.record_generation(NewGeneration(**{**kwargs, **change}))
 
 
 def test_get_generation_unknown_or_other_namespace(store: FeedbackStore, make_generation: MakeGeneration):
@@ -309,7 +316,7 @@ def test_async_wrappers(tmp_path, group_commit):
     )
 
     async def main(st: FeedbackStore) -> list:
-        gen = await st.arecord_generation(
+        gen = await st.arecord_generation(NewGeneration(
             namespace="",
             image=b"img",
             question="q",
@@ -321,7 +328,7 @@ def test_async_wrappers(tmp_path, group_commit):
             adapter_requested="",
             adapter_version="base",
             model_id="m",
-        )
+        ))
         subs = [sub(gen, key=f"k{i}", annotator=f"a{i}") for i in range(20)]
         return await asyncio.gather(*(st.asubmit_feedback(x) for x in subs))
 

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import Connection, event, func, select, text
 
 from illume.errors import FailedPrecondition, InvalidRequest
-from illume.store import FeedbackStore, FeedbackSubmission, StoreSettings
+from illume.store import FeedbackStore, FeedbackSubmission, NewGeneration, StoreSettings
 from illume.store import schema as s
 from illume.store.groupcommit import GroupCommitWriter
 
@@ -156,7 +156,7 @@ def test_commit_failure_falls_back_to_single_writes(scratch):
 
 def test_disabled_group_commit_commits_every_write(settings: StoreSettings, tmp_path):
     with FeedbackStore(settings.model_copy(update={"group_commit": False})) as st:
-        gen = st.record_generation(
+        gen = st.record_generation(NewGeneration(
             namespace="",
             image=b"i",
             question="q",
@@ -168,7 +168,7 @@ def test_disabled_group_commit_commits_every_write(settings: StoreSettings, tmp_
             adapter_requested="",
             adapter_version="base",
             model_id="m",
-        )
+        ))
         for i in range(5):
             with pytest.raises(InvalidRequest):  # no candidates: selected cannot name one
                 st.submit_feedback(

@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from illume.images import load_image_file
 from illume.models import ModelSettings, load_model
 from illume.training import SnapshotConfig, TrainConfig, build_snapshot, snapshot_loss, train_round
-from illume.training.round import IGNORE_INDEX, collate, encode_row, path_image_loader
+from illume.training.round import IGNORE_INDEX, collate, encode_row
 from tests.unit.training.conftest import judged_from
 
 # A high learning rate so a handful of rows visibly moves a tiny model in a few epochs.
@@ -45,7 +46,7 @@ def trained(tiny_model, small_snapshot, tmp_path_factory):
 def test_encoding_puts_the_loss_on_the_target_and_eos_only(loaded, small_snapshot):
     tokenizer = loaded.tokenizer
     for row in (small_snapshot.rows[0], small_snapshot.rows[-1]):  # a rationale row and an answer row
-        example = encode_row(loaded, row, path_image_loader(row.image))
+        example = encode_row(loaded, row, load_image_file(row.image))
         ids, labels = example["input_ids"][0], example["labels"][0]
         kept = labels[labels != IGNORE_INDEX].tolist()
         assert kept[-1] == tokenizer.eos_token_id and ids[-1] == tokenizer.eos_token_id
@@ -56,7 +57,7 @@ def test_encoding_puts_the_loss_on_the_target_and_eos_only(loaded, small_snapsho
         assert tokenizer.decode(ids[:first], skip_special_tokens=True).endswith(
             row.prompt.lower().split(" a:")[-1].strip()
         )
-    rows = [encode_row(loaded, r, path_image_loader(r.image)) for r in small_snapshot.rows[:3]]
+    rows = [encode_row(loaded, r, load_image_file(r.image)) for r in small_snapshot.rows[:3]]
     batch = collate(rows, tokenizer.pad_token_id)
     lengths = [r["input_ids"].shape[1] for r in rows]
     assert batch["input_ids"].shape == (3, max(lengths))
@@ -198,7 +199,7 @@ def test_each_epoch_trains_on_its_own_replay_pass(tiny_model, tiny_world, tmp_pa
 
     def loader(ref: str):
         images.append(ref)
-        return path_image_loader(ref)
+        return load_image_file(ref)
 
     def reporter(epoch: int, metrics: dict) -> None:
         per_epoch.append((set(images), metrics))
