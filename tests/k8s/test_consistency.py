@@ -11,7 +11,7 @@ import yaml
 
 from services.config import DEFAULT_GRPC_MAX_MESSAGE_BYTES, DEFAULT_GRPC_PORT, AppConfig
 from tests.k8s.conftest import K8S_DIR, REPO_ROOT, render
-from tests.k8s.validation import pod_templates
+from tests.k8s.validation import pod_templates, split_image
 
 OVERLAYS = render.OVERLAYS
 RAY_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001}
@@ -319,7 +319,7 @@ def _all_containers(rendered, extra_manifests):
 
 
 def _pinned(image: str) -> bool:
-    name, rest = render._split_image(image)
+    name, rest = split_image(image)
     return bool(name) and (rest.startswith("@sha256:") or (rest.startswith(":") and rest != ":latest"))
 
 

@@ -16,13 +16,14 @@ import pytest
 import yaml
 
 from tests.k8s.conftest import K8S_DIR, REPO_ROOT, render
+from tests.k8s.validation import split_image
 
 DOCKERFILE = (REPO_ROOT / "Dockerfile").read_text()
 
 
 def test_dockerfile_pins_its_base_and_chooses_torch_by_build_argument():
     for line in re.findall(r"^ARG PYTHON_IMAGE=(\S+)$", DOCKERFILE, re.M):
-        _name, rest = render._split_image(line)
+        _name, rest = split_image(line)
         assert rest.startswith(":") and rest != ":latest", line
     assert re.search(r"^ARG TORCH_VARIANT=cpu$", DOCKERFILE, re.M)
     assert "whl/${TORCH_VARIANT}" in DOCKERFILE

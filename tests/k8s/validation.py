@@ -87,6 +87,15 @@ class ManifestError(Exception):
     """A manifest does not validate."""
 
 
+def split_image(image: str) -> tuple[str, str]:
+    """``name[:tag][@digest]`` -> (name, the rest with its separator): ``reg:5000/x:1.0`` -> ``:1.0``."""
+    name, at, digest = image.partition("@")
+    slash, colon = name.rfind("/"), name.rfind(":")
+    if colon > slash:
+        return name[:colon], name[colon:] + at + digest
+    return name, at + digest
+
+
 def _strict(schema: Any) -> Any:
     if isinstance(schema, dict):
         out = {k: _strict(v) for k, v in schema.items()}
