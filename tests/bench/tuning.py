@@ -208,19 +208,21 @@ def write_judgements(config, items, count: int, seed: int = 0) -> None:
         for i in range(count):
             item = items[i % len(items)]
             texts = [item.explanations[0], *distractor_rationales(item, rng, 3)]
-            record = store.record_generation(NewGeneration(
-                namespace="default",
-                image=Path(item.image_path).read_bytes(),
-                question=item.question,
-                answer=item.answer,
-                answer_generated=False,
-                candidates=[NewCandidate(t, 0.9, len(t.split())) for t in texts],
-                sampling={},
-                seed=i,
-                adapter_requested="",
-                adapter_version="base",
-                model_id="bench",
-            ))
+            record = store.record_generation(
+                NewGeneration(
+                    namespace="default",
+                    image=Path(item.image_path).read_bytes(),
+                    question=item.question,
+                    answer=item.answer,
+                    answer_generated=False,
+                    candidates=[NewCandidate(t, 0.9, len(t.split())) for t in texts],
+                    sampling={},
+                    seed=i,
+                    adapter_requested="",
+                    adapter_version="base",
+                    model_id="bench",
+                )
+            )
             store.submit_feedback(
                 FeedbackSubmission(
                     generation_id=record.generation_id,

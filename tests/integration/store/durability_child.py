@@ -27,19 +27,21 @@ def main() -> None:
             sys.stdout.flush()
 
     def new_generation() -> str:
-        gen = store.record_generation(NewGeneration(
-            namespace="",
-            image=os.urandom(256),
-            question="q",
-            answer="a",
-            answer_generated=False,
-            candidates=[NewCandidate("x", 0.3, 1), NewCandidate("y", 0.9, 1)],
-            sampling={},
-            seed=0,
-            adapter_requested="",
-            adapter_version="base",
-            model_id="m",
-        ))
+        gen = store.record_generation(
+            NewGeneration(
+                namespace="",
+                image=os.urandom(256),
+                question="q",
+                answer="a",
+                answer_generated=False,
+                candidates=[NewCandidate("x", 0.3, 1), NewCandidate("y", 0.9, 1)],
+                sampling={},
+                seed=0,
+                adapter_requested="",
+                adapter_version="base",
+                model_id="m",
+            )
+        )
         ack("G", gen.generation_id)
         return gen.generation_id
 

@@ -25,19 +25,21 @@ REPO = Path(__file__).resolve().parents[3]
 def test_group_commit_16_threads(any_settings: StoreSettings):
     # Explicitly on: the default leaves it off on PostgreSQL.
     with FeedbackStore(any_settings.model_copy(update={"group_commit": True})) as st:
-        gen = st.record_generation(NewGeneration(
-            namespace="",
-            image=b"img",
-            question="q",
-            answer="a",
-            answer_generated=False,
-            candidates=[NewCandidate("x", 0.3, 1)],
-            sampling={},
-            seed=1,
-            adapter_requested="",
-            adapter_version="base",
-            model_id="m",
-        ))
+        gen = st.record_generation(
+            NewGeneration(
+                namespace="",
+                image=b"img",
+                question="q",
+                answer="a",
+                answer_generated=False,
+                candidates=[NewCandidate("x", 0.3, 1)],
+                sampling={},
+                seed=1,
+                adapter_requested="",
+                adapter_version="base",
+                model_id="m",
+            )
+        )
         acked: list[list[str]] = [[] for _ in range(16)]
         barrier = threading.Barrier(16)
         commits_before = st.commit_count

@@ -19,19 +19,21 @@ from illume.store import (
 
 
 def record(store: FeedbackStore, texts=("a b", "c d", "e f"), image: bytes = b"img", namespace: str = ""):
-    return store.record_generation(NewGeneration(
-        namespace=namespace,
-        image=image,
-        question="Why?",
-        answer="yes",
-        answer_generated=True,
-        candidates=[NewCandidate(t, 0.3, 2) for t in texts],
-        sampling={"n": len(texts)},
-        seed=2**64 - 1,
-        adapter_requested="production",
-        adapter_version="rationale-v1",
-        model_id="tiny",
-    ))
+    return store.record_generation(
+        NewGeneration(
+            namespace=namespace,
+            image=image,
+            question="Why?",
+            answer="yes",
+            answer_generated=True,
+            candidates=[NewCandidate(t, 0.3, 2) for t in texts],
+            sampling={"n": len(texts)},
+            seed=2**64 - 1,
+            adapter_requested="production",
+            adapter_version="rationale-v1",
+            model_id="tiny",
+        )
+    )
 
 
 def test_feedback_contract(any_settings: StoreSettings):

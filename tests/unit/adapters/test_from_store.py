@@ -56,19 +56,21 @@ def _generation(
     answer="red",
     version="base",
 ):
-    return store.record_generation(NewGeneration(
-        namespace="default",
-        image=image if image is not None else _png(held_out),
-        question=question,
-        answer=answer,
-        answer_generated=False,
-        candidates=[NewCandidate(t, 0.3, len(t.split())) for t in texts],
-        sampling={"n": len(texts)},
-        seed=1,
-        adapter_requested="",
-        adapter_version=version,
-        model_id="tiny",
-    ))
+    return store.record_generation(
+        NewGeneration(
+            namespace="default",
+            image=image if image is not None else _png(held_out),
+            question=question,
+            answer=answer,
+            answer_generated=False,
+            candidates=[NewCandidate(t, 0.3, len(t.split())) for t in texts],
+            sampling={"n": len(texts)},
+            seed=1,
+            adapter_requested="",
+            adapter_version=version,
+            model_id="tiny",
+        )
+    )
 
 
 _keys = itertools.count()

@@ -57,20 +57,22 @@ def make_generation(store: FeedbackStore) -> MakeGeneration:
         adapter_version: str = "base",
         image: bytes | None = None,
     ) -> GenerationRecord:
-        return store.record_generation(NewGeneration(
-            namespace=namespace,
-            image=image if image is not None else image_bytes(held_out, store.settings.held_out_fraction),
-            question=question,
-            answer=answer,
-            answer_generated=False,
-            candidates=[
-                NewCandidate(t, 0.3 if i % 2 == 0 else 0.9, len(t.split())) for i, t in enumerate(texts)
-            ],
-            sampling={"n": len(texts), "temperatures": [0.3, 0.9]},
-            seed=1234,
-            adapter_requested="",
-            adapter_version=adapter_version,
-            model_id="tiny",
-        ))
+        return store.record_generation(
+            NewGeneration(
+                namespace=namespace,
+                image=image if image is not None else image_bytes(held_out, store.settings.held_out_fraction),
+                question=question,
+                answer=answer,
+                answer_generated=False,
+                candidates=[
+                    NewCandidate(t, 0.3 if i % 2 == 0 else 0.9, len(t.split())) for i, t in enumerate(texts)
+                ],
+                sampling={"n": len(texts), "temperatures": [0.3, 0.9]},
+                seed=1234,
+                adapter_requested="",
+                adapter_version=adapter_version,
+                model_id="tiny",
+            )
+        )
 
     return make

@@ -67,37 +67,41 @@ def test_image_stored_by_content_hash(store: FeedbackStore, make_generation: Mak
 
 def test_images_in_database_when_no_image_dir(tmp_path):
     with FeedbackStore(StoreSettings(url=f"sqlite:///{tmp_path}/f.db")) as st:
-        gen = st.record_generation(NewGeneration(
-            namespace="",
-            image=b"abc",
-            question="q",
-            answer="a",
-            answer_generated=True,
-            candidates=[NewCandidate("x", 0.3, 1)],
-            sampling={},
-            seed=0,
-            adapter_requested="",
-            adapter_version="base",
-            model_id="m",
-        ))
+        gen = st.record_generation(
+            NewGeneration(
+                namespace="",
+                image=b"abc",
+                question="q",
+                answer="a",
+                answer_generated=True,
+                candidates=[NewCandidate("x", 0.3, 1)],
+                sampling={},
+                seed=0,
+                adapter_requested="",
+                adapter_version="base",
+                model_id="m",
+            )
+        )
         assert st.get_image(gen.image_sha256) == b"abc"
         assert count(st, s.images) == 1
 
 
 def test_seed_uint64_round_trips(store: FeedbackStore):
-    gen = store.record_generation(NewGeneration(
-        namespace="",
-        image=b"i",
-        question="q",
-        answer="a",
-        answer_generated=False,
-        candidates=[],
-        sampling={},
-        seed=2**64 - 1,
-        adapter_requested="",
-        adapter_version="base",
-        model_id="m",
-    ))
+    gen = store.record_generation(
+        NewGeneration(
+            namespace="",
+            image=b"i",
+            question="q",
+            answer="a",
+            answer_generated=False,
+            candidates=[],
+            sampling={},
+            seed=2**64 - 1,
+            adapter_requested="",
+            adapter_version="base",
+            model_id="m",
+        )
+    )
     assert store.get_generation(gen.generation_id).seed == 2**64 - 1
 
 
@@ -316,19 +320,21 @@ def test_async_wrappers(tmp_path, group_commit):
     )
 
     async def main(st: FeedbackStore) -> list:
-        gen = await st.arecord_generation(NewGeneration(
-            namespace="",
-            image=b"img",
-            question="q",
-            answer="a",
-            answer_generated=False,
-            candidates=[NewCandidate("x", 0.3, 1)],
-            sampling={},
-            seed=0,
-            adapter_requested="",
-            adapter_version="base",
-            model_id="m",
-        ))
+        gen = await st.arecord_generation(
+            NewGeneration(
+                namespace="",
+                image=b"img",
+                question="q",
+                answer="a",
+                answer_generated=False,
+                candidates=[NewCandidate("x", 0.3, 1)],
+                sampling={},
+                seed=0,
+                adapter_requested="",
+                adapter_version="base",
+                model_id="m",
+            )
+        )
         subs = [sub(gen, key=f"k{i}", annotator=f"a{i}") for i in range(20)]
         return await asyncio.gather(*(st.asubmit_feedback(x) for x in subs))
 

@@ -156,19 +156,21 @@ def test_commit_failure_falls_back_to_single_writes(scratch):
 
 def test_disabled_group_commit_commits_every_write(settings: StoreSettings, tmp_path):
     with FeedbackStore(settings.model_copy(update={"group_commit": False})) as st:
-        gen = st.record_generation(NewGeneration(
-            namespace="",
-            image=b"i",
-            question="q",
-            answer="a",
-            answer_generated=False,
-            candidates=[],
-            sampling={},
-            seed=0,
-            adapter_requested="",
-            adapter_version="base",
-            model_id="m",
-        ))
+        gen = st.record_generation(
+            NewGeneration(
+                namespace="",
+                image=b"i",
+                question="q",
+                answer="a",
+                answer_generated=False,
+                candidates=[],
+                sampling={},
+                seed=0,
+                adapter_requested="",
+                adapter_version="base",
+                model_id="m",
+            )
+        )
         for i in range(5):
             with pytest.raises(InvalidRequest):  # no candidates: selected cannot name one
                 st.submit_feedback(
