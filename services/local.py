@@ -10,6 +10,7 @@ SIGTERM.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import secrets
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.auth import key_sha256
 from services.config import (
@@ -30,6 +32,9 @@ from services.config import (
     TuningSettings,
     default_config,
 )
+
+if TYPE_CHECKING:
+    from illume.cli.config_flags import Flag
 
 ROLES = ("client", "annotator", "admin")
 # How long `illume serve` waits for a Ray cluster stopped just before to release its agent port.
@@ -181,11 +186,17 @@ def stop() -> None:
 
 
 def run_forever(
-    data_dir: Path, model_dir: Path | None, config_file: Path | None, grpc_port: int, num_cpus: int
+    data_dir: Path,
+    model_dir: Path | None,
+    config_file: Path | None,
+    grpc_port: int,
+    num_cpus: int,
+    config: AppConfig | None = None,
 ) -> int:
-    """``illume serve``: start, print the ready line, wait for Ctrl-C or SIGTERM, stop."""
+    """``illume serve``: start, print the ready line, wait for Ctrl-C or SIGTERM, stop (``config``:
+    the one to serve, else ``local_config``'s)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    config = local_config(data_dir, model_dir, config_file)
+    config = config or local_config(data_dir, model_dir, config_file)
     try:
         ensure_port_free(grpc_port)
     except RuntimeError as error:
@@ -227,3 +238,101 @@ def run_forever(
         print("illume: shutting down", flush=True)
         stop()
     return 0
+
+
+# --- the `illume serve` and `illume tune` verbs (entry points of the group illume.cli) ------------
+
+
+def tuning_flags() -> list[Flag]:
+    """The ``AppConfig.tuning`` fields ``illume serve`` and ``illume tune`` take as flags: how a round
+    trains (``illume loop``'s spellings), its snapshot, the gate and the training workers. The rest
+    (the controller's timing, storage, curated gate sets, ...) comes from ``--config``."""
+    from illume.cli.config_flags import Flag, train_flags
+
+    return [
+        *train_flags("tuning.train"),
+        Flag("tuning.snapshot.replay_ratio"),
+        Flag("tuning.gate.min_items", "gate_min_items"),
+        Flag("tuning.gate.allow_empty", "gate_allow_empty"),
+        Flag("tuning.gate.default_tolerance", "gate_default_tolerance"),
+        Flag("tuning.gate.tokenize", "gate_tokenize"),
+        Flag("tuning.gate_max_items"),
+        Flag("tuning.num_workers"),
+        Flag("tuning.use_gpu"),
+        Flag("tuning.cpus_per_worker"),
+        Flag("tuning.schedule_timeout_s"),
+        Flag("tuning.keep_last"),
+    ]
+
+
+def serve_flags() -> list[Flag]:
+    """The ``AppConfig`` fields ``illume serve`` takes as flags: the Generator's batching and
+    replicas, whether and when the controller starts rounds, and ``tuning_flags()``. Placement,
+    autoscaling, auth, the store and the artifact store come from ``--config``."""
+    from illume.cli.config_flags import Flag
+
+    return [
+        Flag("generator.max_batch_size"),
+        Flag("generator.batch_wait_timeout_s"),
+        Flag("generator.max_concurrent_batches"),
+        Flag("generator.max_queued_requests"),
+        Flag("generator.num_replicas"),
+        Flag("tuning.enabled", "tuning"),
+        Flag("tuning.min_new_judgements"),
+        Flag("tuning.check_interval_s"),
+        *tuning_flags(),
+    ]
+
+
+def add_app_arguments(parser: argparse.ArgumentParser, flags: list[Flag]) -> None:
+    """``--data-dir``, ``--model``, ``--config`` and ``flags``, bound to ``AppConfig`` with the
+    embedded default's values shown (``app_config`` builds the config from them)."""
+    from illume.cli.config_flags import ConfigFlags
+
+    parser.add_argument(
+        "--data-dir", default=".data", help="feedback log, adapters and local keys (default .data)"
+    )
+    parser.add_argument(
+        "--model", default=None, help="checkpoint directory (default: the embedded default model)"
+    )
+    parser.add_argument(
+        "--config", default=None, help="an AppConfig YAML file (the Serve application's args)"
+    )
+    # The defaults that apply without --config: the embedded model's (its replay pool included).
+    embedded = default_config(Path(".data"), Path("MODEL"), replay_data=Path("replay.json"))
+    bound = ConfigFlags(AppConfig, flags, embedded)
+    bound.add_to(
+        parser,
+        "server settings (AppConfig)",
+        "Defaults are the embedded default's; with --config FILE the file's values apply instead, "
+        "and a flag given overrides either.",
+    )
+    parser.set_defaults(config_flags=bound, build_config=app_config)
+
+
+def app_config(args: argparse.Namespace) -> AppConfig:
+    """``local_config`` (the embedded default or ``--config``) with the flags given applied."""
+    config = local_config(
+        Path(args.data_dir),
+        Path(args.model) if args.model else None,
+        Path(args.config) if args.config else None,
+    )
+    return args.config_flags.apply(config, args)
+
+
+def configure_serve(parser: argparse.ArgumentParser) -> None:
+    """run the server on this machine (local Ray cluster)"""
+    add_app_arguments(parser, serve_flags())
+    parser.add_argument("--grpc-port", type=int, default=50051)
+    parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the local Ray cluster")
+    parser.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from illume.cli import offline
+
+    offline()
+    data_dir = Path(args.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = app_config(args)
+    return run_forever(data_dir, None, None, args.grpc_port, args.num_cpus, config=config)

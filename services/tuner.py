@@ -328,5 +328,45 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if record.state in ("promoted", "rejected") else 1
 
 
+def configure_tune(parser: argparse.ArgumentParser) -> None:
+    """run one tuning round now (snapshot, Ray Train, gate, registry)"""
+    from services.local import add_app_arguments, tuning_flags
+
+    add_app_arguments(parser, tuning_flags())
+    parser.add_argument("--namespace", default="default")
+    parser.set_defaults(func=_tune)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    """``illume tune``: one round from a shell (the body the LoopController submits as a job)."""
+    from illume.cli import offline
+
+    offline()
+    from services.loop_controller import ACTIVE_STATES
+
+    config = args.build_config(args)
+    registry = AdapterRegistry.open(config.feedback_log.store)
+    namespace = args.namespace or "default"
+    active, _ = registry.list_rounds(namespace, page_size=1, states=ACTIVE_STATES)
+    if active:
+        print(f"error: round {active[0].round_id} is still {active[0].state}", file=sys.stderr)
+        return 2
+    record = registry.create_round(namespace, "pending")
+    final = run_round(config, namespace, record.round_id)
+    print(
+        json.dumps(
+            {
+                "round_id": final.round_id,
+                "state": final.state,
+                "reason": final.reason,
+                "adapter_version": final.adapter_version,
+                "scores": dict(final.scores),
+            },
+            indent=1,
+        )
+    )
+    return 0 if final.state in ("promoted", "rejected") else 1
+
+
 if __name__ == "__main__":
     sys.exit(main())

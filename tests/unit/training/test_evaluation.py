@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
 
 import pytest
 
+from illume.cli import main
 from illume.critics import FactCritic, RougeLCritic
 from illume.evaluation.evaluate import CAPTION_METRICS, evaluate
-from illume.evaluation_cli import add_eval_parser
 
 FAST = dict(n=3, temperatures=(0.7,), max_new_tokens=6, meteor=False, tokenize=False, progress=False)
 
@@ -65,12 +64,9 @@ def test_condition_on_model_answer(tiny_model, tiny_world):
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="METEOR and the PTB tokenizer need Java")
 def test_eval_cli_with_meteor_prints_json(tiny_model, tiny_world, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_eval_parser(parser.add_subparsers(dest="verb"))
     data = tiny_world["val"][0].image_path.parent.parent
     argv = f"eval --model {tiny_model} --data {data} --split val --limit 5 --n 2 --max-new-tokens 5"
-    args = parser.parse_args([*argv.split(), "--critic", "fact", "--json", "--no-progress"])
-    assert args.func(args) == 0
+    assert main([*argv.split(), "--critic", "fact", "--json", "--no-progress"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["overall"]["items"] == 5
     assert 0.0 <= out["overall"]["captions"]["METEOR"] <= 100.0
