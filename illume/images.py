@@ -1,6 +1,6 @@
 """Safe image decoding for untrusted client bytes.
 
-Rules (DESIGN.md section 4): the byte size is checked before anything is decoded; only JPEG, PNG
+Rules (docs/ARCHITECTURE.md, "Images"): the byte size is checked before anything is decoded; only JPEG, PNG
 and WebP are opened; the pixel count is checked from the header and raises (never just warns);
 animated images are refused unless explicitly allowed, in which case frame 0 is used; EXIF
 orientation is applied; the result is an RGB image fully loaded into memory, so a truncated file

@@ -67,7 +67,8 @@ class GeneratorSettings(_Settings):
 
     @property
     def max_ongoing_requests(self) -> int:
-        """Serve caps a batch at max_ongoing_requests; keep it at least batch x concurrency (DESIGN 4)."""
+        """Serve caps a batch at max_ongoing_requests; keep it at least batch x concurrency
+        (docs/ARCHITECTURE.md, "Batching")."""
         return self.max_batch_size * self.max_concurrent_batches
 
 

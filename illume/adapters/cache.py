@@ -1,6 +1,6 @@
 """The replica-side ``AdapterCache``: load, verify, LRU, swap.
 
-``AdapterCache`` (DESIGN.md section 4, "Adapters", "Hot reload", "Adapter swaps and threads"):
+``AdapterCache`` (docs/ARCHITECTURE.md, "Adapters", "Hot reload", "Adapter swaps and threads"):
 
 - ``prepare(name, uri, manifest)`` downloads into ``work_dir`` and verifies (checksums, base
   fingerprint, the peft config and the safetensors header parse) without touching the generator's

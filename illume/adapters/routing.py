@@ -1,6 +1,6 @@
 """Adapter routing on a Generator replica: which adapter serves a request, and hot reload.
 
-Contract (DESIGN.md section 4, "Hot reload"):
+Contract (docs/ARCHITECTURE.md, "Hot reload"):
 - the registry is the source of truth; a watcher thread follows it (PostgreSQL LISTEN/NOTIFY when
   available, polling the registry epoch always, as the fallback) and, for each watched namespace,
   loads the versions its aliases name into the ``AdapterCache`` (download and sha256 / base-model

@@ -1,6 +1,6 @@
 """The promotion gate: score a candidate adapter and the current production on the same items.
 
-Contract (DESIGN.md section 4, "The gate in production"):
+Contract (docs/ARCHITECTURE.md, "The gate"):
 
 - **held-out set** (always): ``GateItem``s built from held-out generations of real feedback (never
   trained on, see ``illume.training.from_store.gate_items``); the references of an item are the

@@ -1,6 +1,6 @@
 """Batched ILLUME generation: answers, then candidate rationales, for many requests at once.
 
-Contract (DESIGN.md section 2):
+Contract (docs/ARCHITECTURE.md, "ILLUME generation"):
 - a request without an answer is first answered greedily from ``Q: {question} A:``;
 - candidates continue ``Q: {question} A: {answer}, seeing that``; only the continuation is kept;
 - sampling keeps the top ``top_k_fraction`` of the vocabulary, then applies the temperature (and an

@@ -4,8 +4,8 @@ Any Hugging Face checkpoint that ``AutoModelForImageTextToText`` and ``AutoProce
 loads here (LLaVA, Idefics3/SmolVLM, Qwen2-VL, PaliGemma, the project's own default model). Nothing
 is ever downloaded: the path must be a local directory and loading runs with
 ``local_files_only=True``. The image processor uses the Pillow backend by default so preprocessing
-is identical on CPU and GPU machines (DESIGN.md section 6). The model is put in eval mode on the
-chosen device and dtype.
+is identical on CPU and GPU machines (docs/ARCHITECTURE.md, "Image preprocessing backend"). The
+model is put in eval mode on the chosen device and dtype.
 
 LoRA targets the language model only: ``lora_target_regex`` builds a peft ``target_modules`` regex
 that matches the attention projections under the language model's module (``language_model`` for

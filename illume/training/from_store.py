@@ -8,7 +8,7 @@ Contract:
   - ``accepted``: the texts of the candidates marked fitting by any annotator's current
     judgement, in candidate order, deduplicated (exact text after stripping); with
     ``include_corrected`` the annotators' corrected rationales follow (the operator's opt-in,
-    DESIGN.md "Feedback provenance");
+    docs/ARCHITECTURE.md, "Feedback provenance");
   - ``answer_correct``: False if any current judgement says the answer is wrong, else True if any
     says it is right, else None;
   - ``feedback_ids``: the current non-skipped judgements' ids; ``image``: the image sha256 (resolve

@@ -1,6 +1,6 @@
 """Training snapshots: the immutable set of rows one tuning round trains on.
 
-Contract (DESIGN.md section 2, "what is trained", "replay", "accumulation"):
+Contract (docs/ARCHITECTURE.md, "What a round trains"):
 
 - input: ``JudgedItem`` records, one per judged generation, of every round so far (the caller
   passes the accumulated history; items of earlier rounds keep contributing);

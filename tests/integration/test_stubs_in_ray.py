@@ -1,6 +1,7 @@
 """The generated stubs import in every Ray process: a tiny Serve app answers real gRPC calls.
 
-It uses the layout of DESIGN.md section 3 (``package illume.v1`` compiled with ``-Iprotos`` into
+It uses the layout of docs/ARCHITECTURE.md, "Wire contract and generated stubs"
+(``package illume.v1`` compiled with ``-Iprotos`` into
 the package) through Serve's native gRPC proxy: a unary method, a server-streaming method, and a
 status code set through ``grpc_context``.
 """

@@ -15,7 +15,7 @@ from tests.k8s.validation import pod_templates, split_image
 
 OVERLAYS = render.OVERLAYS
 RAY_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001}
-# Ports of Ray pods that something outside the namespace may reach, and who (DESIGN 4, Security):
+# Ports of Ray pods that something outside the namespace may reach, and who (docs/ARCHITECTURE.md, Security):
 # Prometheus scrapes metrics; the KubeRay operator deploys serveConfigV2 through the dashboard.
 EXTERNAL_ALLOWED = {"metrics": "any", "dashboard": "kuberay-operator"}
 
