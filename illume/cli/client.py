@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from illume.adapters import ALIASES, PRODUCTION
+
 
 def connect(args: argparse.Namespace):
     """An ``IllumeClient`` from the connection flags (and ``args.role`` for the default key)."""
@@ -159,7 +161,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         elif name in ("adapter", "promote"):
             v.add_argument("adapter", help="a version (7 or rationale-v7) or, for show, an alias")
             if name == "promote":
-                v.add_argument("--alias", default="production", choices=["production", "canary"])
+                v.add_argument("--alias", default=PRODUCTION, choices=ALIASES)
                 v.add_argument("--canary-share", type=float, default=0.0)
         elif name == "round":
             v.add_argument("round_id")

@@ -2,8 +2,10 @@
 
 Contract:
 
-- Writers: the Admin servicer and the loop controller (adapters, aliases, rounds, the lease); the
-  FeedbackLog never writes these tables, and the registry never writes the feedback tables.
+- Writers: the tuning job (adapters, aliases on promotion, its round's progress), the Admin servicer
+  (aliases: promote, rollback) and the loop controller (rounds, the lease); the FeedbackLog never
+  writes these tables, and the registry never writes the feedback tables (docs/ARCHITECTURE.md,
+  "Who writes which table").
 - Version numbers come from the store, not the tuner: ``register`` bumps a per-namespace counter row
   in the same transaction that inserts the adapter (an atomic upsert), so two registering writers
   get different numbers and a committed number is never handed out again. Retention marks versions

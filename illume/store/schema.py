@@ -5,8 +5,10 @@ Writers, one per table group (nobody else writes these tables):
 - ``generations``, ``candidates``, ``images``, ``feedback``, ``feedback_items``, ``corrections``:
   the FeedbackLog deployment, through ``FeedbackStore`` (its group-commit writer thread).
 - ``adapters``, ``adapter_counters``, ``aliases``, ``alias_history``: the adapter registry
-  (``AdapterRegistry``), called by the Admin servicer and the loop controller.
-- ``rounds``, ``leases``: the loop controller, through ``AdapterRegistry``.
+  (``AdapterRegistry``), called by the tuning job (register, promote, reject, retention) and the
+  Admin servicer (promote, rollback).
+- ``rounds``: the loop controller (creates and fails rounds) and the tuning job (its progress),
+  through ``AdapterRegistry``; ``leases``: the loop controller.
 - ``schema_version``: whoever opens the store first after an upgrade (``migrate``).
 
 Durability is set on every connection, never per call: SQLite runs in WAL mode with
