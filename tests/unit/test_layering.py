@@ -70,6 +70,14 @@ def violations(files: list[Path], root: Path) -> list[str]:
     return list(found.values())
 
 
+def scan_source(root: Path, source: str) -> list[str]:
+    """The scan's findings for one module ``illume/mod.py`` holding ``source`` under ``root``."""
+    module = root / "illume" / "mod.py"
+    module.parent.mkdir()
+    module.write_text(source)
+    return violations([module], root)
+
+
 def test_the_core_imports_neither_ray_nor_services_nor_the_stubs():
     assert core_files(), "no core modules found"
     assert violations(core_files(), REPO) == []
@@ -89,10 +97,7 @@ def test_the_core_imports_neither_ray_nor_services_nor_the_stubs():
     ],
 )
 def test_the_scan_catches_each_kind_of_import(tmp_path, source):
-    package = tmp_path / "illume"
-    package.mkdir()
-    (package / "mod.py").write_text(source)
-    assert violations([package / "mod.py"], tmp_path), source
+    assert scan_source(tmp_path, source), source
 
 
 @pytest.mark.parametrize(
@@ -105,7 +110,4 @@ def test_the_scan_catches_each_kind_of_import(tmp_path, source):
     ],
 )
 def test_the_scan_leaves_other_imports_alone(tmp_path, source):
-    package = tmp_path / "illume"
-    package.mkdir()
-    (package / "mod.py").write_text(source)
-    assert violations([package / "mod.py"], tmp_path) == []
+    assert scan_source(tmp_path, source) == []
