@@ -358,6 +358,25 @@ class IllumeClient:
         )
         return self._call(self.admin.ListTuningRounds, request, timeout)
 
+    def declare_namespace(self, namespace: str, timeout: float | None = None) -> Any:
+        """Declare a namespace (idempotent; needs an admin key allowed all namespaces)."""
+        return self._call(
+            self.admin.DeclareNamespace, self.pb.DeclareNamespaceRequest(namespace=namespace), timeout
+        )
+
+    def list_namespaces(self, timeout: float | None = None) -> Any:
+        """The declared namespaces this key may use (a ``ListNamespacesResponse``)."""
+        return self._call(self.admin.ListNamespaces, self.pb.ListNamespacesRequest(), timeout)
+
+    def list_audit_events(
+        self, namespace: str = "", page_size: int = 0, page_token: str = "", timeout: float | None = None
+    ) -> Any:
+        """Audit events, newest first (namespace "": every namespace the key may use)."""
+        request = self.pb.ListAuditEventsRequest(
+            namespace=namespace, page_size=page_size, page_token=page_token
+        )
+        return self._call(self.admin.ListAuditEvents, request, timeout)
+
 
 class _RetryingStream:
     """The messages of a server-streaming call, retried on UNAVAILABLE until the first one arrives.

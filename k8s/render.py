@@ -89,7 +89,12 @@ def serve_config(app_config: dict[str, Any]) -> dict[str, Any]:
         "proxy_location": "EveryNode",
         # Serve's HTTP proxy only answers KubeRay's health checks (/-/healthz); the API is gRPC.
         "http_options": {"host": "0.0.0.0", "port": 8000},
-        "grpc_options": {"port": DEFAULT_GRPC_PORT, "grpc_servicer_functions": list(SERVICER_FUNCTIONS)},
+        "grpc_options": {
+            "port": DEFAULT_GRPC_PORT,
+            "grpc_servicer_functions": list(SERVICER_FUNCTIONS),
+            # Serve answers reflection on the proxy itself, before the Ingress checks the key.
+            "enable_reflection": False,
+        },
         "applications": [
             {
                 "name": APP_NAME,

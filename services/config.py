@@ -80,12 +80,30 @@ class FeedbackLogSettings(_Settings):
     max_ongoing_requests: int = Field(256, ge=1, description="Concurrent writes accepted (group commit).")
 
 
+ALL_NAMESPACES = "*"
+SUBMIT_ON_BEHALF = "submit_on_behalf"
+
+
 class ApiKey(_Settings):
     """One API key: only its sha256 is configured, never the key itself."""
 
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 (hex) of the key's bytes.")
     role: Literal["client", "annotator", "admin"] = Field(description="What the key may call.")
-    principal: str = Field(description="Who holds the key (logged as the annotator id by default).")
+    principal: str = Field(description="Who holds the key; the annotator id of its feedback.")
+    namespaces: list[str] | None = Field(
+        None,
+        description='Namespaces the key may use; ["*"] for all. Absent (key files written before '
+        "namespaces were scoped): all, with a warning at load (docs/SERVING.md, 'Keys').",
+    )
+    permissions: list[Literal["submit_on_behalf"]] = Field(
+        default_factory=list,
+        description="Extra grants: submit_on_behalf lets the key submit feedback under another "
+        "annotator id (audited).",
+    )
+
+    @property
+    def all_namespaces(self) -> bool:
+        return self.namespaces is None or ALL_NAMESPACES in self.namespaces
 
 
 class AuthSettings(_Settings):
@@ -93,7 +111,14 @@ class AuthSettings(_Settings):
 
     enabled: bool = Field(True, description="Require an API key on every call.")
     keys: list[ApiKey] = Field(default_factory=list, description="Accepted keys.")
-    keys_file: Path | None = Field(None, description="A JSON file of more keys (same fields), read at start.")
+    keys_file: Path | None = Field(
+        None,
+        description="A JSON file of more keys (same fields); re-read when its content changes, "
+        "checked at most every reload_interval_s.",
+    )
+    reload_interval_s: float = Field(
+        5.0, gt=0, le=3600, description="How often the keys file (and the declared namespaces) are re-read."
+    )
 
 
 class IngressSettings(_Settings):
@@ -158,6 +183,11 @@ class AppConfig(_Settings):
         description="fsspec storage options of an s3:// artifact store (endpoint_url, ...).",
     )
     tuning: TuningSettings = Field(default_factory=TuningSettings, description="Continual tuning.")
+    namespaces: list[str] = Field(
+        default_factory=lambda: ["default"],
+        description="Namespaces declared at start (added to those already declared in the store; "
+        "never removed). Others are declared with the Admin DeclareNamespace RPC.",
+    )
     server_version: str = Field(
         "", description="Reported by GetServerStatus; the package version when empty."
     )

@@ -7,7 +7,7 @@ the core (``illume``) never imports the generated stubs.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from illume.errors import InvalidRequest
@@ -22,6 +22,7 @@ from illume.store.types import (
     Judgement,
     NewGeneration,
     RoundRecord,
+    adapter_name,
     rfc3339,
 )
 from illume.v1 import illume_pb2 as pb
@@ -204,6 +205,26 @@ def round_to_pb(record: RoundRecord) -> pb.TuningRound:
     )
 
 
+def namespace_to_pb(record: Any) -> pb.Namespace:
+    """A ``NamespaceRecord`` as the wire's ``Namespace``."""
+    return pb.Namespace(
+        name=record.name, declared_at=rfc3339(record.declared_at), declared_by=record.declared_by
+    )
+
+
+def audit_to_pb(record: Any) -> pb.AuditEvent:
+    """An ``AuditRecord`` as the wire's ``AuditEvent``."""
+    return pb.AuditEvent(
+        seq=record.seq,
+        at=rfc3339(record.at),
+        principal=record.principal,
+        key_id=record.key_id,
+        action=record.action,
+        namespace=record.namespace,
+        arguments_json=json.dumps(dict(record.arguments), sort_keys=True),
+    )
+
+
 def new_generation(
     request: pb.GenerateRequest, core: GenerateRequest, namespace: str, outcome: Any
 ) -> NewGeneration:
@@ -252,3 +273,33 @@ def generate_response_to_pb(
             batch_size=outcome.batch_size,
         ),
     )
+
+
+def replica_status_to_pb(
+    beat: Any, now: float, stale_after_s: float, may_use: Callable[[str], bool]
+) -> pb.ReplicaStatus:
+    """One replica's heartbeat row (``illume.store.replicas.ReplicaHeartbeat``) as the caller may
+    see it: adapters and aliases only of namespaces ``may_use`` allows; a heartbeat older than
+    ``stale_after_s`` makes the replica unhealthy ("no heartbeat for N s")."""
+    age = beat.age_s(now)
+    healthy = bool(beat.healthy) and age <= stale_after_s
+    reason = beat.health_reason if age <= stale_after_s else f"no heartbeat for {age:.0f} s"
+    return pb.ReplicaStatus(
+        replica_id=beat.replica_id,
+        loaded_adapters=[f"{ns}/{adapter_name(v)}" for ns, v in beat.loaded_adapters if may_use(ns)],
+        aliases=[f"{ns}/{alias}={adapter_name(v)}" for ns, alias, v in beat.aliases if may_use(ns)],
+        queue_depth=max(0, int(beat.queue_depth)),
+        node_id=beat.node_id,
+        healthy=healthy,
+        health_reason=reason,
+        last_reload_at=_epoch_rfc3339(beat.last_reload_at),
+        heartbeat_at=_epoch_rfc3339(beat.heartbeat_at),
+        heartbeat_age_s=age,
+        model_id=beat.model_id,
+    )
+
+
+def _epoch_rfc3339(seconds: float | None) -> str:
+    from datetime import UTC, datetime
+
+    return "" if seconds is None else rfc3339(datetime.fromtimestamp(seconds, UTC))

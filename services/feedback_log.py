@@ -53,7 +53,11 @@ class FeedbackLogDeployment:
         )
         judged = len(generation.candidates) if submission.verdict != "skipped" else 0
         metrics.record_feedback(
-            submission.verdict, generation.adapter_version, judged, len(submission.fitting_candidate_ids)
+            submission.verdict,
+            generation.adapter_version,
+            judged,
+            len(submission.fitting_candidate_ids),
+            namespace=generation.namespace,
         )
 
     async def get_generation(self, generation_id: str, namespace: str) -> GenerationRecord:

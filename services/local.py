@@ -1,11 +1,18 @@
 """``illume serve``: the whole server on one machine (a local Ray cluster plus the Serve app).
 
 It starts a local Ray cluster (free ports, never Redis's 6379), Serve's gRPC proxy on the
-configured port, and the application from ``services.app:build_app`` with the embedded default
-(the project's model, an SQLite feedback log and an artifact directory under the data directory).
-Local API keys are created once under ``<data>/keys/`` (the config holds only their sha256). It
-prints a ready line once the model is loaded and answers, and shuts down cleanly on Ctrl-C or
-SIGTERM.
+configured host and port, and the application from ``services.app:build_app`` with the embedded
+default (the project's model, an SQLite feedback log and an artifact directory under the data
+directory). Local API keys are created once under ``<data>/keys/`` (the config holds only their
+sha256). It prints a ready line once the model is loaded and answers, and shuts down cleanly on
+Ctrl-C or SIGTERM.
+
+Where it listens (docs/SERVING.md, "Where the local server listens"): the gRPC proxy on
+``--host`` (default 127.0.0.1), everything else of the cluster on loopback only. Ray binds its own
+servers to loopback when the node's IP is loopback (``local_only_ray``); Serve binds its gRPC proxy
+and each replica's inter-deployment server to ``[::]`` with no host option, so a worker setup hook
+(``bind_serve_servers``) gives them their address. Reflection is off: Serve answers it on the proxy,
+before the Ingress checks the API key.
 """
 
 from __future__ import annotations
@@ -37,6 +44,15 @@ if TYPE_CHECKING:
     from illume.cli.config_flags import Flag
 
 ROLES = ("client", "annotator", "admin")
+# Where `illume serve` listens for gRPC unless --host says otherwise.
+DEFAULT_HOST = "127.0.0.1"
+LOOPBACK = "127.0.0.1"
+# Ray takes loopback as the node's IP (and then binds GCS, raylet, workers, agents and metrics to
+# loopback) only while multi-node clusters are switched off: the switch Ray uses on macOS/Windows.
+RAY_CLUSTER_SWITCH_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# The address Serve's gRPC proxy binds on the local cluster (read by bind_serve_servers in workers).
+GRPC_HOST_ENV = "ILLUME_GRPC_HOST"
+SETUP_HOOK = "services.local.bind_serve_servers"
 # How long `illume serve` waits for a Ray cluster stopped just before to release its agent port.
 AGENT_PORT_WAIT_S = 30.0
 
@@ -52,8 +68,14 @@ def ensure_local_keys(data_dir: Path) -> Path:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as handle:
                 handle.write(secrets.token_urlsafe(32))
+        # A one-machine server: every key may use every namespace (docs/SERVING.md, "Keys").
         entries.append(
-            {"sha256": key_sha256(path.read_text().strip()), "role": role, "principal": f"local-{role}"}
+            {
+                "sha256": key_sha256(path.read_text().strip()),
+                "role": role,
+                "principal": f"local-{role}",
+                "namespaces": ["*"],
+            }
         )
     hashed = data_dir / "api_keys.json"
     hashed.write_text(json.dumps(entries, indent=1))
@@ -97,12 +119,105 @@ def local_config(data_dir: Path, model_dir: Path | None, config_file: Path | Non
     return config
 
 
-def start(config: AppConfig, grpc_port: int, num_cpus: int, dashboard: bool = True) -> None:
-    """Start Ray and the Serve application; returns once every deployment is healthy."""
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as gRPC and clients spell it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def client_target(host: str, port: int) -> str:
+    """Where a client on this machine reaches a server listening on ``host`` (a wildcard address
+    is reached through loopback)."""
+    if host in ("0.0.0.0", ""):
+        host = LOOPBACK
+    elif host == "::":
+        host = "::1"
+    return host_port(host, port)
+
+
+def local_only_ray() -> None:
+    """Make the cluster started next in this process take loopback as its node IP.
+
+    Ray then binds GCS, the raylet, the object manager, every worker's gRPC server, the dashboard
+    agent, the runtime env agent and the metrics servers to 127.0.0.1 (it chooses loopback or all
+    interfaces from the node IP). ``ray.init(_node_ip_address="127.0.0.1")`` does not do this: Ray
+    replaces a loopback address by the machine's reachable one unless multi-node clusters are off.
+    The environment variable reaches Ray's processes; the constant is read when ``ray`` is imported,
+    so it is set too when ``ray`` was imported already."""
+    os.environ[RAY_CLUSTER_SWITCH_ENV] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
+def bind_serve_servers() -> None:
+    """Ray ``worker_process_setup_hook`` of the local cluster: Serve's gRPC servers listen where the
+    server says, not on every interface.
+
+    Serve (2.60) binds its gRPC proxy to ``[::]:<port>`` and each replica's inter-deployment gRPC
+    server to ``[::]:0`` and has no option for either. This hook runs in every worker of the
+    cluster before any actor class is loaded and replaces the two functions that add those ports:
+    the proxy binds ``$ILLUME_GRPC_HOST`` and a replica's own server binds loopback (on one machine
+    every caller is local). It fails the worker, loudly, when a Ray upgrade renamed them, and
+    tests/integration/services/test_local_binding.py fails when a port of the local cluster
+    listens beyond loopback."""
+    host = os.environ.get(GRPC_HOST_ENV)
+    if not host:
+        return
+    from ray._common import tls_utils
+    from ray.serve._private import default_impl
+
+    if not callable(getattr(default_impl, "add_grpc_address", None)) or not callable(
+        getattr(tls_utils, "add_port_to_grpc_server", None)
+    ):
+        raise RuntimeError("this Ray has no hook for Serve's gRPC bind address; see services/local.py")
+    add_port = tls_utils.add_port_to_grpc_server
+
+    def add_port_on_loopback(server, address: str):
+        if address.startswith("[::]:"):
+            address = host_port(LOOPBACK, int(address.rpartition(":")[2]))
+        return add_port(server, address)
+
+    def add_grpc_address(server, address: str) -> None:
+        port = int(address.rpartition(":")[2])
+        server.add_insecure_port(host_port(host, port))
+
+    tls_utils.add_port_to_grpc_server = add_port_on_loopback
+    replica = sys.modules.get("ray.serve._private.replica")  # imported later, normally
+    if replica is not None:
+        replica.add_port_to_grpc_server = add_port_on_loopback
+    default_impl.add_grpc_address = add_grpc_address
+
+
+def local_runtime_env(host: str = DEFAULT_HOST) -> dict:
+    """The job ``runtime_env`` of a local cluster: offline model hub, and ``bind_serve_servers`` in
+    every worker with the gRPC proxy's address."""
+    return {
+        "env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", GRPC_HOST_ENV: host},
+        "worker_process_setup_hook": SETUP_HOOK,
+    }
+
+
+def grpc_options(port: int):
+    """Serve's gRPC proxy options: the illume servicers on ``port``, reflection off (Serve answers
+    reflection on the proxy itself, before the Ingress checks the API key)."""
+    from ray.serve.config import gRPCOptions
+
+    return gRPCOptions(port=port, grpc_servicer_functions=SERVICER_FUNCTIONS, enable_reflection=False)
+
+
+def start(
+    config: AppConfig, grpc_port: int, num_cpus: int, dashboard: bool = True, host: str = DEFAULT_HOST
+) -> None:
+    """Start Ray and the Serve application; returns once every deployment is healthy.
+
+    When this starts the cluster, Ray's ports listen on loopback and the gRPC proxy on ``host``;
+    a cluster started before by the caller keeps its own binding."""
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(DEFAULT_GRPC_MAX_MESSAGE_BYTES))
     import ray
+
+    if not ray.is_initialized():
+        local_only_ray()
     from ray import serve
-    from ray.serve.config import gRPCOptions
 
     from services.app import build_app
 
@@ -110,15 +225,12 @@ def start(config: AppConfig, grpc_port: int, num_cpus: int, dashboard: bool = Tr
         context = ray.init(
             num_cpus=num_cpus,
             include_dashboard=dashboard,
-            dashboard_host="127.0.0.1",
+            dashboard_host=LOOPBACK,
             log_to_driver=False,
-            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}},
+            runtime_env=local_runtime_env(host),
         )
         config = with_local_jobs_api(config, context.dashboard_url)
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": 0},
-        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS),
-    )
+    serve.start(http_options={"host": LOOPBACK, "port": 0}, grpc_options=grpc_options(grpc_port))
     serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX)
 
 
@@ -192,9 +304,10 @@ def run_forever(
     grpc_port: int,
     num_cpus: int,
     config: AppConfig | None = None,
+    host: str = DEFAULT_HOST,
 ) -> int:
     """``illume serve``: start, print the ready line, wait for Ctrl-C or SIGTERM, stop (``config``:
-    the one to serve, else ``local_config``'s)."""
+    the one to serve, else ``local_config``'s; ``host``: where the gRPC proxy listens)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     config = config or local_config(data_dir, model_dir, config_file)
     try:
@@ -214,18 +327,19 @@ def run_forever(
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     try:
-        start(config, grpc_port, num_cpus)
+        start(config, grpc_port, num_cpus, host=host)
+        # ray.init replaced the handler (Ray's exits at once and aborts, leaving its agents behind).
+        signal.signal(signal.SIGTERM, lambda *_: stopping.set())
         from illume.client import IllumeClient
 
         key_file = data_dir / "keys" / "admin.key"
-        with IllumeClient(
-            f"127.0.0.1:{grpc_port}", api_key_file=key_file if key_file.exists() else None
-        ) as c:
+        target = client_target(host, grpc_port)
+        with IllumeClient(target, api_key_file=key_file if key_file.exists() else None) as c:
             status = c.server_status(timeout=60)
         print(
-            f"illume ready: gRPC on 127.0.0.1:{grpc_port}, model {status.model_id}, "
+            f"illume ready: gRPC on {host_port(host, grpc_port)}, model {status.model_id}, "
             f"feedback log {config.feedback_log.store.url}\n"
-            f"  try: illume client generate --target 127.0.0.1:{grpc_port} "
+            f"  try: illume client generate --target {target} "
             "--image IMAGE --question 'what is shown?'\n"
             f"  keys: {data_dir / 'keys'}/{{client,annotator,admin}}.key",
             flush=True,
@@ -323,6 +437,12 @@ def app_config(args: argparse.Namespace) -> AppConfig:
 def configure_serve(parser: argparse.ArgumentParser) -> None:
     """run the server on this machine (local Ray cluster)"""
     add_app_arguments(parser, serve_flags())
+    parser.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help="address the gRPC proxy listens on (default 127.0.0.1; 0.0.0.0 or :: for every "
+        "interface); Ray's own ports stay on loopback",
+    )
     parser.add_argument("--grpc-port", type=int, default=50051)
     parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the local Ray cluster")
     parser.set_defaults(func=_serve)
@@ -335,4 +455,4 @@ def _serve(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     config = app_config(args)
-    return run_forever(data_dir, None, None, args.grpc_port, args.num_cpus, config=config)
+    return run_forever(data_dir, None, None, args.grpc_port, args.num_cpus, config=config, host=args.host)

@@ -26,7 +26,7 @@ from ray import serve
 
 from illume.errors import FailedPrecondition
 from illume.store import AdapterRegistry, FeedbackStore
-from illume.store.types import TERMINAL_ROUND_STATES, RoundRecord
+from illume.store.types import TERMINAL_ROUND_STATES, Actor, RoundRecord
 from services.config import AppConfig
 from services.tuner import encode_config
 
@@ -35,6 +35,8 @@ LEASE = "loop-controller"
 ACTIVE_STATES = ("pending", "snapshot", "training", "evaluating")
 JOB_ENDED = {"SUCCEEDED", "FAILED", "STOPPED"}
 SUBMIT_GRACE_S = 120.0
+# Rounds the controller starts on its own are audited under this principal.
+CONTROLLER_ACTOR = Actor("system:loop-controller")
 
 
 class LoopControllerCore:
@@ -74,8 +76,10 @@ class LoopControllerCore:
     def new_judgements(self, namespace: str) -> int:
         return self.accepted_judgements(namespace) - self._accepted_at_last_round(namespace)
 
-    def start_round(self, namespace: str, force: bool = False) -> RoundRecord:
-        """Create the round record and submit its job (FailedPrecondition when it may not start)."""
+    def start_round(self, namespace: str, force: bool = False, actor: Actor | None = None) -> RoundRecord:
+        """Create the round record and submit its job (FailedPrecondition when it may not start).
+        The round's creation is audited (``round.start``) under ``actor`` (the admin who asked, or
+        the controller itself)."""
         with self._lock:
             if not self.tuning.enabled:
                 raise FailedPrecondition("tuning is disabled")
@@ -88,7 +92,12 @@ class LoopControllerCore:
             needed = self.tuning.min_new_judgements
             if not force and new < needed:
                 raise FailedPrecondition(f"{new} new accepted judgements since the last round; need {needed}")
-            record = self.registry.create_round(namespace, "pending")
+            record = self.registry.create_round(
+                namespace,
+                "pending",
+                actor=actor or CONTROLLER_ACTOR,
+                arguments={"force": force, "accepted": accepted, "new": new},
+            )
             self.registry.update_round(
                 record.round_id, scores={"trigger": {"accepted": accepted, "new": new}}
             )
@@ -175,8 +184,10 @@ class LoopController:
             except Exception:
                 log.exception("loop controller pass failed")
 
-    async def start_round(self, namespace: str, force: bool = False) -> RoundRecord:
-        return await asyncio.to_thread(self.core.start_round, namespace, force)
+    async def start_round(
+        self, namespace: str, force: bool = False, actor: Actor | None = None
+    ) -> RoundRecord:
+        return await asyncio.to_thread(self.core.start_round, namespace, force, actor)
 
     def check_health(self) -> None:
         if not self._thread.is_alive():

@@ -3,7 +3,9 @@
 Inside Ray processes a prometheus-client HTTP server would fight over ports, so every deployment
 records here and Ray exports (KubeRay scrapes the port). Names are prefixed ``ray_`` on export;
 Serve adds the deployment, replica and application tags itself. Metric objects are created lazily,
-once per process, so importing this module starts nothing.
+once per process, so importing this module starts nothing. Versions restart at 1 in every
+namespace, so every per-adapter series is labelled by ``namespace`` and ``adapter_version`` (the
+wire label ``rationale-v<N>`` or ``base``) together.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ def _metrics() -> dict[str, Any]:
         "tokens": Counter("illume_generated_tokens_total", description="Tokens generated in candidates."),
         "candidates": Counter(
             "illume_candidates_total",
-            description="Candidates returned, by adapter version.",
-            tag_keys=("adapter_version",),
+            description="Candidates returned, by namespace and adapter version.",
+            tag_keys=("namespace", "adapter_version"),
         ),
         "feedback": Counter(
             "illume_feedback_submissions_total",
@@ -57,13 +59,16 @@ def _metrics() -> dict[str, Any]:
         ),
         "judged": Counter(
             "illume_candidates_judged_total",
-            description="Candidates judged in stored feedback, by adapter version.",
-            tag_keys=("adapter_version",),
+            description="Candidates judged in stored feedback, by namespace and adapter version.",
+            tag_keys=("namespace", "adapter_version"),
         ),
         "accepted": Counter(
             "illume_candidates_accepted_total",
-            description="Candidates judged fitting, by adapter version (acceptance = accepted / judged).",
-            tag_keys=("adapter_version",),
+            description=(
+                "Candidates judged fitting, by namespace and adapter version"
+                " (acceptance = accepted / judged)."
+            ),
+            tag_keys=("namespace", "adapter_version"),
         ),
     }
 
@@ -85,15 +90,18 @@ def record_batch(batch_size: int, queue_waits_ms: list[float], tokens: int) -> N
         m["tokens"].inc(tokens)
 
 
-def record_candidates(adapter_version: str, count: int) -> None:
+def record_candidates(namespace: str, adapter_version: str, count: int) -> None:
     if count:
-        _metrics()["candidates"].inc(count, tags={"adapter_version": adapter_version})
+        _metrics()["candidates"].inc(count, tags={"namespace": namespace, "adapter_version": adapter_version})
 
 
-def record_feedback(verdict: str, adapter_version: str, judged: int, accepted: int) -> None:
+def record_feedback(
+    verdict: str, adapter_version: str, judged: int, accepted: int, namespace: str = ""
+) -> None:
     m = _metrics()
     m["feedback"].inc(1, tags={"verdict": verdict})
+    tags = {"namespace": namespace, "adapter_version": adapter_version}
     if judged:
-        m["judged"].inc(judged, tags={"adapter_version": adapter_version})
+        m["judged"].inc(judged, tags=tags)
     if accepted:
-        m["accepted"].inc(accepted, tags={"adapter_version": adapter_version})
+        m["accepted"].inc(accepted, tags=tags)

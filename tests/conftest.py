@@ -42,7 +42,7 @@ def dashboard_port() -> int:
 def ray_cluster(metrics_port, dashboard_port):
     import ray
 
-    from services.local import ray_agent_port, wait_until_port_free
+    from services.local import local_only_ray, local_runtime_env, ray_agent_port, wait_until_port_free
 
     if not ray.is_initialized():
         try:
@@ -50,6 +50,9 @@ def ray_cluster(metrics_port, dashboard_port):
         except RuntimeError as error:
             # Without its agent the test cluster's Jobs API refuses every job (rounds fail).
             pytest.fail(f"{error}: stop the other local Ray cluster (an `illume serve`?) first")
+        # Bound as `illume serve` binds: Ray's ports and Serve's gRPC proxy on loopback only
+        # (tests/integration/services/test_local_binding.py checks it).
+        local_only_ray()
         ray.init(
             num_cpus=RAY_LOGICAL_CPUS,
             include_dashboard=True,
@@ -59,7 +62,7 @@ def ray_cluster(metrics_port, dashboard_port):
             _system_config={"metrics_report_interval_ms": METRICS_REPORT_INTERVAL_MS},
             log_to_driver=False,
             configure_logging=False,
-            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}},
+            runtime_env=local_runtime_env(),
         )
     yield ray
     from ray import serve
@@ -72,13 +75,9 @@ def ray_cluster(metrics_port, dashboard_port):
 def grpc_port(ray_cluster) -> int:
     """Serve started once with its gRPC proxy (the illume servicers) on a free port."""
     from ray import serve
-    from ray.serve.config import gRPCOptions
 
-    from services.config import SERVICER_FUNCTIONS
+    from services.local import grpc_options
 
     port = free_port()
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": free_port()},
-        grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICER_FUNCTIONS),
-    )
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()}, grpc_options=grpc_options(port))
     return port

@@ -10,7 +10,9 @@
   ``PeftModel`` on first use. No forward pass ever sees a half-installed adapter, and a failed
   install is rolled back under the same lock;
 - a name is never overwritten: installing a loaded name is a no-op when its ``content_sha256``
-  matches and ``AdapterConflict`` (ALREADY_EXISTS) otherwise; names are ``rationale-v<N>``;
+  matches and ``AdapterConflict`` (ALREADY_EXISTS) otherwise; names are served names
+  ``ns-<namespace>--rationale-v<N>`` (``illume.adapters.served_name``), so one namespace's version
+  never takes the place (or the LRU slot or pin) of another namespace's same number;
 - at most ``capacity`` adapters stay loaded: installing evicts the least recently used ones, never
   one in ``pinned`` (the caller's production/canary versions), never one held by ``using()`` (a
   batch resolved to it and waits for the lock), never the one just installed. If everything is
@@ -239,7 +241,8 @@ class AdapterCache:
                 config.inference_mode = True
                 model = _peft_model_class(config)(model, config, adapter_name=name)
             result = model.load_adapter(str(prepared.path), adapter_name=name, is_trainable=False)
-            missing = [k for k in getattr(result, "missing_keys", []) if name in k and "lora_" in k]
+            # Delimited by dots: "ns-a--rationale-v1" is a prefix of "ns-a--rationale-v12".
+            missing = [k for k in getattr(result, "missing_keys", []) if f".{name}." in k and "lora_" in k]
             if missing:
                 raise AdapterVerificationError(f"adapter {name} lacks {len(missing)} LoRA weights")
             for param_name, param in model.named_parameters():

@@ -25,15 +25,13 @@ import hashlib
 import json
 import logging
 import math
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from illume.adapters import parse_served_name
 from illume.adapters.artifacts import ArtifactStore, list_files
 from illume.errors import AlreadyExists, FailedPrecondition, InvalidRequest, NotFound
-from illume.store.registry import parse_version
-from illume.store.types import adapter_name
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +39,6 @@ MANIFEST_NAME = "illume_manifest.json"
 MANIFEST_FORMAT = 1
 ADAPTER_KIND = "peft-lora"
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
-_NAME_RE = re.compile(r"^rationale-v[1-9][0-9]*$")
 
 
 class AdapterVerificationError(FailedPrecondition):
@@ -211,12 +208,14 @@ def check_peft_files(adapter_dir: str | Path) -> dict[str, Any]:
     return config
 
 
-def check_adapter_name(name: str) -> int:
-    """The version of an adapter name ``rationale-v<N>``; ``InvalidRequest`` for any other name."""
-    version = parse_version(name) if _NAME_RE.match(name) else None
-    if version is None or adapter_name(version) != name:
-        raise InvalidRequest(f"adapter name {name!r} is not of the form rationale-v<N>")
-    return version
+def check_adapter_name(name: str) -> tuple[str, int]:
+    """(namespace, version) of a served adapter name ``ns-<namespace>--rationale-v<N>``
+    (``illume.adapters.served_name``); ``InvalidRequest`` for any other name, the bare wire label
+    ``rationale-v<N>`` included (it does not say whose version it is)."""
+    parsed = parse_served_name(name)
+    if parsed is None:
+        raise InvalidRequest(f"adapter name {name!r} is not of the form ns-<namespace>--rationale-v<N>")
+    return parsed
 
 
 def publish_adapter(

@@ -129,6 +129,15 @@ VERBS = {
     "rollback": (_printing(lambda c, a: c.rollback(a.namespace, timeout=a.timeout)), "admin"),
     "round": (_printing(lambda c, a: c.get_round(a.round_id, timeout=a.timeout)), "admin"),
     "rounds": (_printing(lambda c, a: c.list_rounds(a.namespace, timeout=a.timeout)), "admin"),
+    "namespaces": (_printing(lambda c, a: c.list_namespaces(timeout=a.timeout)), "client"),
+    "declare-namespace": (
+        _printing(lambda c, a: c.declare_namespace(a.name, timeout=a.timeout)),
+        "admin",
+    ),
+    "audit": (
+        _printing(lambda c, a: c.list_audit_events(a.namespace, page_size=a.limit, timeout=a.timeout)),
+        "admin",
+    ),
 }
 
 
@@ -165,3 +174,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                 v.add_argument("--canary-share", type=float, default=0.0)
         elif name == "round":
             v.add_argument("round_id")
+        elif name == "declare-namespace":
+            v.add_argument("name", help="the namespace to declare")
+        elif name == "audit":
+            v.add_argument("--limit", type=int, default=20, help="events to show (1-100), newest first")

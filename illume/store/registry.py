@@ -17,6 +17,11 @@ Contract:
   fallback. SQLite has no push: polling the epoch is the mechanism there.
 - Aliases keep a history; ``rollback`` points ``production`` at the version it named before its
   latest promotion (successive rollbacks walk further back, like popping a stack).
+- Namespaces exist once declared (``declare_namespace``; migration 3 declared ``default`` and
+  every name already in use); rows are never deleted. ``declared_namespaces()`` is what serving
+  watches. Audited changes (``set_alias``, ``rollback``, ``create_round`` given an ``actor``,
+  ``declare_namespace``) write their ``audit`` row in the changing transaction; other events use
+  ``record_audit``.
 - Leases: ``acquire_lease`` is one atomic upsert that succeeds when the lease is free, expired, or
   already held by the caller; the ``token`` grows on every change of holder (fencing). Expiry uses
   the callers' wall clocks, so the TTL must be much longer than the clock skew between nodes.
@@ -46,9 +51,12 @@ from illume.store.types import (
     BASE_ADAPTER,
     ROUND_STATES,
     TERMINAL_ROUND_STATES,
+    Actor,
     AdapterRecord,
     AliasRecord,
+    AuditRecord,
     LeaseRecord,
+    NamespaceRecord,
     RoundRecord,
     adapter_name,
     new_id,
@@ -354,9 +362,15 @@ class AdapterRegistry:
     # -- aliases -------------------------------------------------------------------------------
 
     def set_alias(
-        self, namespace: str, alias: str, version: int | str, share: float | None = None
+        self,
+        namespace: str,
+        alias: str,
+        version: int | str,
+        share: float | None = None,
+        actor: Actor | None = None,
     ) -> AdapterRecord:
-        """Point ``alias`` at a registered version (``share``: canary's share of unpinned traffic)."""
+        """Point ``alias`` at a registered version (``share``: canary's share of unpinned traffic);
+        with an ``actor``, the ``adapter.promote`` audit row is written in the same transaction."""
         namespace = normalize_namespace(namespace)
         alias = alias or PRODUCTION
         if not _ALIAS_RE.match(alias) or alias == BASE_ADAPTER or parse_version(alias) is not None:
@@ -368,6 +382,13 @@ class AdapterRegistry:
             if record.state != "registered":
                 raise FailedPrecondition(f"version {record.version} is {record.state}; it cannot be aliased")
             self._move_alias(conn, namespace, alias, record.version, share, action="set")
+            self._audit(
+                conn,
+                actor,
+                "adapter.promote",
+                namespace,
+                {"alias": alias, "version": record.version, "share": share},
+            )
             return self._get(conn, namespace, record.version)
 
     def _move_alias(
@@ -417,8 +438,9 @@ class AdapterRegistry:
                 stack.append(int(version))
         return stack
 
-    def rollback(self, namespace: str, alias: str = PRODUCTION) -> AdapterRecord:
-        """Point ``alias`` (production) back at the version it named before its latest promotion."""
+    def rollback(self, namespace: str, alias: str = PRODUCTION, actor: Actor | None = None) -> AdapterRecord:
+        """Point ``alias`` (production) back at the version it named before its latest promotion
+        (with an ``actor``, audited as ``adapter.rollback`` in the same transaction)."""
         namespace = normalize_namespace(namespace)
         with self._tx() as conn:
             stack = self._production_stack(conn, namespace, alias)
@@ -430,6 +452,13 @@ class AdapterRegistry:
                     f"version {target.version} is {target.state}; cannot roll back to it"
                 )
             self._move_alias(conn, namespace, alias, target.version, None, action="rollback")
+            self._audit(
+                conn,
+                actor,
+                "adapter.rollback",
+                namespace,
+                {"alias": alias, "version": target.version, "from_version": stack[-1]},
+            )
             return self._get(conn, namespace, target.version)
 
     def aliases(self, namespace: str) -> dict[str, AliasRecord]:
@@ -491,8 +520,16 @@ class AdapterRegistry:
             finished_at=parse_rfc3339(row.finished_at),
         )
 
-    def create_round(self, namespace: str, state: str = "pending", job_id: str = "") -> RoundRecord:
-        """Record a new tuning round (id issued here)."""
+    def create_round(
+        self,
+        namespace: str,
+        state: str = "pending",
+        job_id: str = "",
+        actor: Actor | None = None,
+        arguments: Mapping[str, Any] | None = None,
+    ) -> RoundRecord:
+        """Record a new tuning round (id issued here); with an ``actor``, the ``round.start`` audit
+        row (the round id plus ``arguments``) is written in the same transaction."""
         if state not in ROUND_STATES or state in TERMINAL_ROUND_STATES:
             raise InvalidRequest(f"a round cannot start in state {state!r}")
         namespace = normalize_namespace(namespace)
@@ -514,6 +551,7 @@ class AdapterRegistry:
                     finished_at=None,
                 )
             )
+            self._audit(conn, actor, "round.start", namespace, {"round_id": round_id, **(arguments or {})})
             return self._round(conn.execute(select(s.rounds).where(s.rounds.c.round_id == round_id)).one())
 
     def update_round(self, round_id: str, state: str | None = None, **fields: Any) -> RoundRecord:
@@ -573,6 +611,115 @@ class AdapterRegistry:
             rows = conn.execute(query).all()
         token = _encode_token(int(rows[page_size - 1].seq)) if len(rows) > page_size else ""
         return [self._round(row) for row in rows[:page_size]], token
+
+    # -- namespaces and audit --------------------------------------------------------------------
+
+    def _audit(
+        self,
+        conn: Connection,
+        actor: Actor | None,
+        action: str,
+        namespace: str,
+        arguments: Mapping[str, Any],
+    ) -> None:
+        if actor is None:
+            return
+        conn.execute(
+            insert(s.audit).values(
+                at=rfc3339(utcnow()),
+                principal=actor.principal[:256],
+                key_id=actor.key_id[:16],
+                action=action,
+                namespace=namespace,
+                arguments_json=json.dumps(dict(arguments), sort_keys=True, default=str),
+            )
+        )
+
+    def record_audit(
+        self, actor: Actor, action: str, namespace: str = "", arguments: Mapping[str, Any] | None = None
+    ) -> None:
+        """Write one audit row in a transaction of its own (namespace "" for system events)."""
+        with self._tx() as conn:
+            self._audit(conn, actor, action, namespace, arguments or {})
+
+    def declare_namespace(self, name: str, actor: Actor) -> tuple[NamespaceRecord, bool]:
+        """Declare a namespace (idempotent); returns it and whether this call declared it. A new
+        declaration is audited (``namespace.declare``) in the same transaction."""
+        if not name or len(name) > 128:
+            raise InvalidRequest("a namespace name is 1-128 characters")
+        n = s.namespaces
+        now = rfc3339(utcnow())
+        stmt = (
+            self._insert(n)
+            .values(name=name, declared_at=now, declared_by=actor.principal[:256])
+            .on_conflict_do_nothing(index_elements=[n.c.name])
+            .returning(n.c.name)
+        )
+        with self._tx() as conn:
+            created = conn.execute(stmt).first() is not None
+            if created:
+                self._audit(conn, actor, "namespace.declare", name, {"namespace": name})
+            row = conn.execute(select(n).where(n.c.name == name)).one()
+        return self._namespace(row), created
+
+    @staticmethod
+    def _namespace(row: Any) -> NamespaceRecord:
+        return NamespaceRecord(
+            name=row.name, declared_at=parse_rfc3339(row.declared_at) or utcnow(), declared_by=row.declared_by
+        )
+
+    def list_namespaces(self) -> list[NamespaceRecord]:
+        """Every declared namespace, by name."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(s.namespaces).order_by(s.namespaces.c.name)).all()
+        return [self._namespace(r) for r in rows]
+
+    def declared_namespaces(self) -> frozenset[str]:
+        """The names of the declared namespaces: the only ones serving (and replicas) should watch."""
+        with self.engine.connect() as conn:
+            return frozenset(conn.execute(select(s.namespaces.c.name)).scalars())
+
+    def is_declared(self, name: str) -> bool:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(s.namespaces.c.name).where(s.namespaces.c.name == name)).first()
+        return row is not None
+
+    def list_audit(
+        self,
+        namespaces: Sequence[str] | None = None,
+        include_system: bool = True,
+        page_size: int = 20,
+        page_token: str = "",
+    ) -> tuple[list[AuditRecord], str]:
+        """Audit events, newest first: of ``namespaces`` (None: all), plus system events (namespace
+        "") when ``include_system``; "" token on the last page."""
+        page_size = _page_size(page_size)
+        before = _decode_token(page_token)
+        a = s.audit
+        query = select(a).order_by(a.c.seq.desc()).limit(page_size + 1)
+        if namespaces is not None:
+            allowed = list(namespaces) + ([""] if include_system else [])
+            query = query.where(a.c.namespace.in_(allowed))
+        elif not include_system:
+            query = query.where(a.c.namespace != "")
+        if before is not None:
+            query = query.where(a.c.seq < before)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        records = [
+            AuditRecord(
+                seq=int(r.seq),
+                at=parse_rfc3339(r.at) or utcnow(),
+                principal=r.principal,
+                key_id=r.key_id,
+                action=r.action,
+                namespace=r.namespace,
+                arguments=json.loads(r.arguments_json),
+            )
+            for r in rows[:page_size]
+        ]
+        token = _encode_token(records[-1].seq) if len(rows) > page_size else ""
+        return records, token
 
     # -- lease ---------------------------------------------------------------------------------
 

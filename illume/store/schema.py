@@ -9,6 +9,9 @@ Writers, one per table group (nobody else writes these tables):
   Admin servicer (promote, rollback).
 - ``rounds``: the loop controller (creates and fails rounds) and the tuning job (its progress),
   through ``AdapterRegistry``; ``leases``: the loop controller.
+- ``namespaces``, ``audit``: ``AdapterRegistry`` (the Ingress declares namespaces and records
+  admin actions; the registry records promote/rollback/round starts in the changing transaction).
+- ``replicas``: each Generator replica its own row (``illume.store.replicas``), read by the Ingress.
 - ``schema_version``: whoever opens the store first after an upgrade (``migrate``).
 
 Durability is set on every connection, never per call: SQLite runs in WAL mode with
@@ -26,6 +29,7 @@ table definitions below updated to match).
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import time
 from collections.abc import Callable
@@ -272,6 +276,63 @@ leases = Table(
 
 REGISTRY_TABLES = (adapter_counters, adapters, aliases, alias_history, rounds, leases)
 
+# --- declared namespaces, audit (migration 3) ---------------------------------------------------
+
+# A namespace exists only once declared (config at start, the Admin DeclareNamespace RPC, or the
+# upgrade to version 3 for names already in use); the Ingress answers NOT_FOUND for others and
+# replicas watch only these. Rows are never deleted.
+namespaces = Table(
+    "namespaces",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("declared_at", Timestamp, nullable=False),
+    Column("declared_by", String(256), nullable=False),
+)
+
+# Admin actions and system events (promote, rollback, round start, namespace declarations, key
+# reloads, on-behalf feedback): who (principal and short key id, never the key), when, what.
+audit = Table(
+    "audit",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("at", Timestamp, nullable=False),
+    Column("principal", String(256), nullable=False),
+    Column("key_id", String(16), nullable=False),
+    Column("action", String(64), nullable=False),
+    # "" for events of no one namespace (key reloads).
+    Column("namespace", String(128), nullable=False),
+    Column("arguments_json", Text, nullable=False),
+    Index("ix_audit_ns_seq", "namespace", "seq"),
+)
+
+TENANCY_TABLES = (namespaces, audit)
+
+# --- generator replicas' heartbeats (migration 4) -----------------------------------------------
+
+# One row per Generator replica, upserted by the replica itself every few seconds (health, queue,
+# last adapter reload, loaded adapters as (namespace, version) pairs); the Ingress reads them for
+# GetServerStatus and treats a row whose heartbeat is older than its staleness limit as unhealthy.
+# A replica deletes its row when it stops; rows of replicas that died are pruned by age.
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("replica_id", String(256), primary_key=True),
+    Column("node_id", String(128), nullable=False),
+    Column("model_id", String(256), nullable=False),
+    Column("healthy", Boolean, nullable=False),
+    Column("health_reason", Text, nullable=False),
+    Column("queue_depth", Integer, nullable=False),
+    # JSON lists: [[namespace, version], ...] and [[namespace, alias, version], ...].
+    Column("loaded_adapters_json", Text, nullable=False),
+    Column("aliases_json", Text, nullable=False),
+    Column("last_reload_at", Float, nullable=True),  # epoch seconds; None: nothing loaded yet
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),  # epoch seconds of the writer's clock
+)
+
+REPLICA_TABLES = (replicas,)
+DEFAULT_NAMESPACE = "default"
+
 
 # --- migrations ---------------------------------------------------------------------------------
 
@@ -290,9 +351,36 @@ def _create(tables: tuple[Table, ...]) -> Callable[[Connection], None]:
     return step
 
 
+def _declare_namespaces_in_use(conn: Connection) -> None:
+    """Version 3: the tenancy tables, with ``default`` and every namespace already in the store
+    declared (so an upgrade changes nothing a deployment serves)."""
+    metadata.create_all(conn, tables=list(TENANCY_TABLES), checkfirst=True)
+    in_use: set[str] = set()
+    for table in (generations, feedback, adapter_counters, adapters, aliases, rounds):
+        in_use.update(conn.execute(select(table.c.namespace).distinct()).scalars())
+    declared = set(conn.execute(select(namespaces.c.name)).scalars())
+    now = rfc3339(utcnow())
+    added = sorted((in_use | {DEFAULT_NAMESPACE}) - declared)
+    for name in added:
+        conn.execute(insert(namespaces).values(name=name, declared_at=now, declared_by="migration"))
+    if in_use:  # an upgrade of a store in use (a new store has nothing to report)
+        conn.execute(
+            insert(audit).values(
+                at=now,
+                principal="system:migration",
+                key_id="",
+                action="namespace.declare_on_upgrade",
+                namespace="",
+                arguments_json=json.dumps({"namespaces": added}),
+            )
+        )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "feedback log", _create(FEEDBACK_TABLES)),
     Migration(2, "adapter registry, rounds, leases", _create(REGISTRY_TABLES)),
+    Migration(3, "declared namespaces, audit", _declare_namespaces_in_use),
+    Migration(4, "generator replica heartbeats", _create(REPLICA_TABLES)),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

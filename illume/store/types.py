@@ -278,3 +278,34 @@ class LeaseRecord:
     holder: str
     expires_at: float
     token: int
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who makes a change that is audited: the key's principal and its short non-secret id (the
+    first 8 hex digits of the key's sha256; "" for system events)."""
+
+    principal: str
+    key_id: str = ""
+
+
+@dataclass(frozen=True)
+class NamespaceRecord:
+    """One declared namespace (proto ``Namespace``)."""
+
+    name: str
+    declared_at: datetime
+    declared_by: str
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audited admin action or system event (proto ``AuditEvent``)."""
+
+    seq: int
+    at: datetime
+    principal: str
+    key_id: str
+    action: str
+    namespace: str
+    arguments: Mapping[str, Any]

@@ -4,6 +4,13 @@ Registry reads and alias moves go straight to the ``AdapterRegistry`` (the regis
 written by Admin and the LoopController, never by the FeedbackLog); replicas learn of alias moves
 from the registry (notification or polling). Rounds are started through the LoopController, the
 one place that holds the round lease.
+
+Every call is guarded by the calling key's namespaces (``services/servicers/base.py``). Calls with
+no namespace field check what they touch: ``GetTuningRound`` answers NOT_FOUND for a round of a
+namespace the key may not use (as for an absent one), ``ListNamespaces`` and ``ListAuditEvents``
+return only the key's namespaces, ``DeclareNamespace`` needs an admin key allowed all namespaces.
+Promote, rollback, round starts and declarations are written to the audit table with the caller's
+principal and key id (docs/SERVING.md, "Audit").
 """
 
 from __future__ import annotations
@@ -12,12 +19,12 @@ import asyncio
 from typing import Any
 
 from illume.adapters import ALIASES, CANARY, PRODUCTION
-from illume.errors import FailedPrecondition, InvalidRequest
+from illume.errors import FailedPrecondition, InvalidRequest, NotFound, PermissionDenied
 from illume.store.registry import AdapterRegistry
 from illume.v1 import illume_pb2 as pb
 from illume.validation import RequestLimits, validate_namespace
 from services.auth import Caller
-from services.convert import adapter_to_pb, round_to_pb
+from services.convert import adapter_to_pb, audit_to_pb, namespace_to_pb, round_to_pb
 from services.servicers.base import ServicerBase, rpc
 
 
@@ -63,7 +70,9 @@ class AdminServicer(ServicerBase):
         share = request.canary_share if alias == CANARY else None
         if share is not None and not 0.0 <= share <= 1.0:
             raise InvalidRequest("canary_share must be between 0 and 1")
-        record = await asyncio.to_thread(self.registry.set_alias, namespace, alias, request.adapter, share)
+        record = await asyncio.to_thread(
+            self.registry.set_alias, namespace, alias, request.adapter, share, caller.actor
+        )
         return adapter_to_pb(record)
 
     @rpc("admin", pb.Adapter)
@@ -71,7 +80,9 @@ class AdminServicer(ServicerBase):
         self, request: pb.RollbackAdapterRequest, grpc_context: Any, caller: Caller
     ) -> pb.Adapter:
         namespace = validate_namespace(request.namespace, self.limits)
-        return adapter_to_pb(await asyncio.to_thread(self.registry.rollback, namespace))
+        return adapter_to_pb(
+            await asyncio.to_thread(self.registry.rollback, namespace, PRODUCTION, caller.actor)
+        )
 
     @rpc("admin", pb.TuningRound)
     async def StartTuningRound(
@@ -80,15 +91,56 @@ class AdminServicer(ServicerBase):
         namespace = validate_namespace(request.namespace, self.limits)
         if self.loop_controller is None:
             raise FailedPrecondition("tuning is disabled on this server (tuning.enabled is false)")
-        return round_to_pb(await self.loop_controller.start_round.remote(namespace, request.force))
+        return round_to_pb(
+            await self.loop_controller.start_round.remote(namespace, request.force, caller.actor)
+        )
 
-    @rpc("admin", pb.TuningRound)
+    @rpc("admin", pb.TuningRound, namespace=None)
     async def GetTuningRound(
         self, request: pb.GetTuningRoundRequest, grpc_context: Any, caller: Caller
     ) -> pb.TuningRound:
         if not request.round_id:
             raise InvalidRequest("round_id is required")
-        return round_to_pb(await asyncio.to_thread(self.registry.get_round, request.round_id))
+        record = await asyncio.to_thread(self.registry.get_round, request.round_id)
+        if not caller.may_use(record.namespace):
+            # The registry's own reason for an absent round: the two cannot be told apart.
+            raise NotFound(f"round {request.round_id} not found")
+        return round_to_pb(record)
+
+    @rpc("admin", pb.Namespace, namespace=None)
+    async def DeclareNamespace(
+        self, request: pb.DeclareNamespaceRequest, grpc_context: Any, caller: Caller
+    ) -> pb.Namespace:
+        namespace = validate_namespace(request.namespace, self.limits)
+        if not caller.all_namespaces:
+            raise PermissionDenied("declaring namespaces needs an admin key allowed all namespaces")
+        record, _created = await asyncio.to_thread(self.registry.declare_namespace, namespace, caller.actor)
+        self.declared.add(namespace)
+        return namespace_to_pb(record)
+
+    @rpc("client", pb.ListNamespacesResponse, namespace=None)
+    async def ListNamespaces(
+        self, request: pb.ListNamespacesRequest, grpc_context: Any, caller: Caller
+    ) -> pb.ListNamespacesResponse:
+        records = await asyncio.to_thread(self.registry.list_namespaces)
+        return pb.ListNamespacesResponse(
+            namespaces=[namespace_to_pb(r) for r in records if caller.may_use(r.name)]
+        )
+
+    @rpc("admin", pb.ListAuditEventsResponse, namespace=None)
+    async def ListAuditEvents(
+        self, request: pb.ListAuditEventsRequest, grpc_context: Any, caller: Caller
+    ) -> pb.ListAuditEventsResponse:
+        if request.namespace:
+            scope: list[str] | None = [await self.authorize_namespace(caller, request.namespace)]
+            system = False
+        else:  # every namespace the key may use; system events only for keys allowed all
+            scope = None if caller.all_namespaces else sorted(caller.namespaces or ())
+            system = caller.all_namespaces
+        records, token = await asyncio.to_thread(
+            self.registry.list_audit, scope, system, request.page_size or 20, request.page_token
+        )
+        return pb.ListAuditEventsResponse(events=[audit_to_pb(r) for r in records], next_page_token=token)
 
     @rpc("admin", pb.ListTuningRoundsResponse)
     async def ListTuningRounds(
@@ -104,17 +156,31 @@ class AdminServicer(ServicerBase):
     async def GetServerStatus(
         self, request: pb.GetServerStatusRequest, grpc_context: Any, caller: Caller
     ) -> pb.ServerStatus:
-        status = await self.generator.status.remote()
-        replica = pb.ReplicaStatus(
-            replica_id=status["replica_id"],
-            loaded_adapters=status["loaded_adapters"],
-            aliases=status["aliases"],
-            queue_depth=status["queue_depth"],
-        )
+        """Every Generator replica's own report (docs/ARCHITECTURE.md, "Server status"): a Serve
+        handle reaches one replica per call, so each replica writes a heartbeat row and this reads
+        them all. A replica silent for ``STATUS_STALE_AFTER_S`` is unhealthy, one silent for
+        ``STATUS_HIDE_AFTER_S`` is left out; ``ready`` needs a healthy replica with the model
+        loaded. Adapters and aliases are shown only for the caller's namespaces."""
+        import time
+
+        from illume.store.replicas import ReplicaTable
+        from services.convert import replica_status_to_pb
+        from services.generator import HEARTBEAT_INTERVAL_S
+
+        stale_after_s, hide_after_s = 5 * HEARTBEAT_INTERVAL_S, 300.0
+        beats = await asyncio.to_thread(ReplicaTable(self.registry).list)
+        now = time.time()
+        replicas = [
+            replica_status_to_pb(beat, now, stale_after_s, caller.may_use)
+            for beat in beats
+            if beat.age_s(now) <= hide_after_s
+        ]
+        healthy = [r for r in replicas if r.healthy and r.model_id]
         return pb.ServerStatus(
-            ready=True,
-            model_id=status["model_id"],
+            ready=bool(healthy),
+            model_id=healthy[0].model_id if healthy else "",
             server_version=self.server_version,
-            replicas=[replica],
+            replicas=replicas,
             store_backend=self.store_backend,
+            healthy_replicas=len(healthy),
         )

@@ -1,4 +1,10 @@
-"""What every RPC shares: authentication, role checks, status codes, metrics.
+"""What every RPC shares: authentication, role and namespace checks, status codes, metrics.
+
+The guard order of every call (docs/SERVING.md, "Namespaces"): the key (UNAUTHENTICATED), its role
+(PERMISSION_DENIED), then the request's namespace: a syntactically bad name is INVALID_ARGUMENT, a
+name the key may not use is PERMISSION_DENIED whether or not it exists, and an undeclared name the
+key may use is NOT_FOUND. Only then does the method run, so nothing of a namespace a key may not use
+is ever read or written.
 
 Serve's gRPC proxy answers INTERNAL with a stack trace when a method raises, so no method lets an
 exception escape: core errors become their status code and one-line reason; a full queue becomes
@@ -7,6 +13,7 @@ RESOURCE_EXHAUSTED; anything unexpected is logged here and answered INTERNAL wit
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -15,7 +22,8 @@ from typing import Any
 
 import grpc
 
-from illume.errors import IllumeError
+from illume.errors import IllumeError, NotFound
+from illume.validation import RequestLimits, validate_namespace
 from services import metrics
 from services.auth import Authenticator, Caller
 
@@ -51,30 +59,100 @@ def _code_and_reason(exc: BaseException) -> tuple[str, str]:
     return "INTERNAL", INTERNAL_REASON
 
 
+class DeclaredNamespaces:
+    """The declared namespaces as one Ingress replica sees them.
+
+    A cached set of names; a name not in it makes the set be re-read from the store, at most once
+    per ``refresh_s`` (so a name declared through another replica is seen within ``refresh_s``, and
+    a flood of undeclared names costs one read per ``refresh_s``). Names are never undeclared.
+    """
+
+    def __init__(self, load: Callable[[], frozenset[str]], refresh_s: float) -> None:
+        self._load = load
+        self._refresh_s = refresh_s
+        self._names: frozenset[str] = frozenset()
+        self._loaded_at = float("-inf")
+
+    def add(self, name: str) -> None:
+        self._names = self._names | {name}
+
+    async def contains(self, name: str) -> bool:
+        if name in self._names:
+            return True
+        now = time.monotonic()
+        if now - self._loaded_at >= self._refresh_s:
+            self._loaded_at = now
+            self._names = self._names | await asyncio.to_thread(self._load)
+        return name in self._names
+
+
+def request_namespace(request: Any) -> str | None:
+    """The namespace field of a request (empty means ``default``); None for a request without one
+    (GetServerStatus), whose method returns only what ``caller.may_use`` allows. Which RPCs have no
+    namespace is pinned by tests/unit/services/test_namespace_guard.py."""
+    if "namespace" not in request.DESCRIPTOR.fields_by_name:
+        return None
+    return request.namespace
+
+
 class ServicerBase:
     """State the servicers share (set by the Ingress)."""
 
     auth: Authenticator
+    declared: DeclaredNamespaces
+    limits: RequestLimits
 
     def caller(self, grpc_context: Any) -> Caller:
         return self.auth.authenticate(grpc_context.invocation_metadata() if grpc_context else [])
 
+    async def authorize_namespace(self, caller: Caller, raw: str) -> str:
+        """The namespace a request names, once the key may use it and it is declared."""
+        namespace = validate_namespace(raw, self.limits)
+        caller.require_namespace(namespace)
+        if not await self.declared.contains(namespace):
+            raise NotFound(f"namespace {namespace!r} is not declared")
+        return namespace
 
-def rpc(role: str, response: Callable[[], Any]) -> Callable:
-    """Wrap a unary method ``(self, request, grpc_context, caller) -> reply``."""
+
+def _log_denied(name: str, code: str, reason: str, caller: Caller | None) -> None:
+    if code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+        who = f"key {caller.key_id} ({caller.principal})" if caller else "an unknown key"
+        log.info("%s %s for %s: %s", name, code, who, reason)
+
+
+async def _guard(
+    self: ServicerBase,
+    request: Any,
+    grpc_context: Any,
+    role: str,
+    namespace: Callable[[Any], str | None] | None,
+) -> Caller:
+    caller = self.caller(grpc_context)
+    caller.require(role)
+    raw = namespace(request) if namespace is not None else None
+    if raw is not None:
+        await self.authorize_namespace(caller, raw)
+    return caller
+
+
+def rpc(
+    role: str, response: Callable[[], Any], namespace: Callable[[Any], str | None] | None = request_namespace
+) -> Callable:
+    """Wrap a unary method ``(self, request, grpc_context, caller) -> reply``; ``namespace`` reads
+    the request's namespace for the guard (None: the method checks what it touches itself)."""
 
     def wrap(method: Callable) -> Callable:
         name = method.__name__
 
         @functools.wraps(method)
         async def unary(self: ServicerBase, request: Any, grpc_context: Any = None) -> Any:
-            started, code = time.perf_counter(), "OK"
+            started, code, caller = time.perf_counter(), "OK", None
             try:
-                caller = self.caller(grpc_context)
-                caller.require(role)
+                caller = await _guard(self, request, grpc_context, role, namespace)
                 return await method(self, request, grpc_context, caller)
             except Exception as exc:
                 code, reason = _code_and_reason(exc)
+                _log_denied(name, code, reason, caller)
                 if grpc_context is not None:
                     grpc_context.set_code(_status(code))
                     grpc_context.set_details(reason)
@@ -87,7 +165,7 @@ def rpc(role: str, response: Callable[[], Any]) -> Callable:
     return wrap
 
 
-def rpc_stream(role: str) -> Callable:
+def rpc_stream(role: str, namespace: Callable[[Any], str | None] | None = request_namespace) -> Callable:
     """Wrap a server-streaming method ``(self, request, grpc_context, caller) -> async iterator``."""
 
     def wrap(method: Callable) -> Callable:
@@ -95,14 +173,14 @@ def rpc_stream(role: str) -> Callable:
 
         @functools.wraps(method)
         async def streaming(self: ServicerBase, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
-            started, code = time.perf_counter(), "OK"
+            started, code, caller = time.perf_counter(), "OK", None
             try:
-                caller = self.caller(grpc_context)
-                caller.require(role)
+                caller = await _guard(self, request, grpc_context, role, namespace)
                 async for item in method(self, request, grpc_context, caller):
                     yield item
             except Exception as exc:
                 code, reason = _code_and_reason(exc)
+                _log_denied(name, code, reason, caller)
                 if grpc_context is None:
                     raise
                 grpc_context.set_code(_status(code))

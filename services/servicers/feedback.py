@@ -1,16 +1,20 @@
 """FeedbackService: SubmitFeedback, GetGeneration, GetFeedbackStats, ExportFeedback.
 
-Feedback references server-issued generation and candidate ids only; the annotator id defaults to
-the authenticated caller. Writes go through the FeedbackLog deployment (the only writer).
+Feedback references server-issued generation and candidate ids only. The annotator id is the
+calling key's principal: a request may leave it empty or repeat it; another id needs the key's
+``submit_on_behalf`` permission (PERMISSION_DENIED otherwise), and such a submission is written to
+the audit table before it is stored (docs/SERVING.md, "Submitting on behalf of annotators"). Writes
+go through the FeedbackLog deployment (the only writer of the feedback tables).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from illume.errors import InvalidRequest
+from illume.errors import InvalidRequest, PermissionDenied
 from illume.v1 import illume_pb2 as pb
 from illume.validation import RequestLimits, validate_namespace
 from services.auth import Caller
@@ -26,6 +30,7 @@ class FeedbackServicer(ServicerBase):
 
     feedback_log: Any
     limits: RequestLimits
+    registry: Any
 
     @rpc("annotator", pb.SubmitFeedbackResponse)
     async def SubmitFeedback(
@@ -33,6 +38,24 @@ class FeedbackServicer(ServicerBase):
     ) -> pb.SubmitFeedbackResponse:
         namespace = validate_namespace(request.namespace, self.limits)
         submission = submission_from_pb(request, namespace, caller.principal)
+        if submission.annotator_id != caller.principal:
+            if not caller.may_submit_on_behalf:
+                raise PermissionDenied(
+                    "feedback is recorded under the key's principal; another annotator_id needs "
+                    "the submit_on_behalf permission"
+                )
+            # Audited first: a stored on-behalf judgement always has its audit row.
+            await asyncio.to_thread(
+                self.registry.record_audit,
+                caller.actor,
+                "feedback.submit_on_behalf",
+                namespace,
+                {
+                    "annotator_id": submission.annotator_id,
+                    "generation_id": submission.generation_id,
+                    "idempotency_key": submission.idempotency_key,
+                },
+            )
         receipt = await self.feedback_log.submit_feedback.remote(submission)
         return pb.SubmitFeedbackResponse(
             feedback_id=receipt.feedback_id, duplicate=receipt.duplicate, revision=receipt.revision

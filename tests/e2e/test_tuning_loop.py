@@ -248,8 +248,10 @@ def test_corrupt_or_foreign_adapters_are_refused_and_rollback_works(
         time.sleep(3)
         assert _served_version(grpc_port, item) == good_name
         status = admin.server_status(timeout=30)
-        assert f"rationale-v{bad.version}" not in status.replicas[0].loaded_adapters
-        assert f"rationale-v{wrong.version}" not in status.replicas[0].loaded_adapters
+        loaded = status.replicas[0].loaded_adapters
+        assert f"default/rationale-v{good}" in loaded
+        assert f"default/rationale-v{bad.version}" not in loaded
+        assert f"default/rationale-v{wrong.version}" not in loaded
 
         previous = sorted(v for v in trained_versions if v != good)[-1]
         admin.promote(str(previous), timeout=30)

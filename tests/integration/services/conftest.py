@@ -2,11 +2,15 @@
 
 It runs the real application (Ingress, Generator, FeedbackLog) behind Serve's gRPC proxy on a
 free port, with a tiny random-weight LLaVA built here, an SQLite feedback log in a temporary
-directory, and one API key per role.
+directory, one API key per role (all namespaces; the annotator key may submit on behalf of
+others, as a labelling tool's would) and the scoped keys of the isolation matrix
+(tests/integration/services/test_isolation.py): two declared tenants and a hashed keys file that
+is re-read every ``KEYS_RELOAD_S``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.request
 from pathlib import Path
@@ -33,11 +37,52 @@ KEYS = {
     "annotator": "annotator-key-0123456789",
     "admin": "admin-key-0123456789",
 }
+# Keys of the isolation matrix: principal, role and namespaces (tenant-a's, and tenant-b's admin).
+TENANT_A, TENANT_B = "tenant-a", "tenant-b"
+SCOPED_KEYS = {
+    "client-a": ("client-key-a-0123456789", "client", [TENANT_A]),
+    "annotator-a": ("annotator-key-a-0123456789", "annotator", [TENANT_A]),
+    "admin-a": ("admin-key-a-0123456789", "admin", [TENANT_A]),
+    "admin-b": ("admin-key-b-0123456789", "admin", [TENANT_B]),
+}
+DECLARED = ["default", TENANT_A, TENANT_B]
+KEYS_RELOAD_S = 1.0
 MAX_BATCH = 4
 MAX_QUEUED = 12
 
 
-def app_config(model_dir: Path, store: StoreSettings, **generator) -> AppConfig:
+def _keys() -> list[ApiKey]:
+    keys = [
+        ApiKey(
+            sha256=key_sha256(k),
+            role=r,
+            principal=f"test-{r}",
+            namespaces=["*"],
+            permissions=["submit_on_behalf"] if r == "annotator" else [],
+        )
+        for r, k in KEYS.items()
+    ]
+    keys += [
+        ApiKey(sha256=key_sha256(k), role=r, principal=name, namespaces=ns)
+        for name, (k, r, ns) in SCOPED_KEYS.items()
+    ]
+    return keys
+
+
+def write_keys_file(path: Path, keys: dict[str, str]) -> None:
+    """The hashed keys file the app re-reads: ``{principal: key}``, client keys of tenant-a."""
+    entries = [
+        {"sha256": key_sha256(k), "role": "client", "principal": p, "namespaces": [TENANT_A]}
+        for p, k in keys.items()
+    ]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entries))
+    tmp.replace(path)  # atomic, as a Secret volume's update is
+
+
+def app_config(
+    model_dir: Path, store: StoreSettings, keys_file: Path | None = None, **generator
+) -> AppConfig:
     return AppConfig(
         generator=GeneratorSettings(
             model=ModelSettings(path=model_dir),
@@ -48,9 +93,8 @@ def app_config(model_dir: Path, store: StoreSettings, **generator) -> AppConfig:
             **generator,
         ),
         feedback_log=FeedbackLogSettings(store=store),
-        auth=AuthSettings(
-            keys=[ApiKey(sha256=key_sha256(k), role=r, principal=f"test-{r}") for r, k in KEYS.items()]
-        ),
+        auth=AuthSettings(keys=_keys(), keys_file=keys_file, reload_interval_s=KEYS_RELOAD_S),
+        namespaces=DECLARED,
         tuning=TuningSettings(enabled=False),
     )
 
@@ -72,8 +116,11 @@ def deploy(config: AppConfig) -> None:
 @pytest.fixture(scope="session")
 def sqlite_app(grpc_port, served_model_dir, tmp_path_factory) -> AppConfig:
     data = tmp_path_factory.mktemp("sqlite-app")
+    write_keys_file(data / "keys.json", {})
     config = app_config(
-        served_model_dir, StoreSettings(url=f"sqlite:///{data / 'feedback.db'}", image_dir=data / "img")
+        served_model_dir,
+        StoreSettings(url=f"sqlite:///{data / 'feedback.db'}", image_dir=data / "img"),
+        keys_file=data / "keys.json",
     )
     deploy(config)
     return config

@@ -16,6 +16,7 @@ from illume.store import (
     NewGeneration,
     StoreSettings,
 )
+from illume.store.schema import LATEST_VERSION
 
 
 def record(store: FeedbackStore, texts=("a b", "c d", "e f"), image: bytes = b"img", namespace: str = ""):
@@ -138,7 +139,7 @@ def test_concurrent_open_migrates_once(any_settings: StoreSettings):
     for t in threads:
         t.join()
     assert not errors, errors
-    assert {st.schema_version for st in stores} == {2}
+    assert {st.schema_version for st in stores} == {LATEST_VERSION}
     for st in stores:
         st.close()
 

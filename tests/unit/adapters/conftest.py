@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from illume.adapters import served_name
 from illume.adapters.artifacts import LocalArtifactStore
 from illume.adapters.manifest import build_manifest
 from illume.generation.generator import GenerateRequest, Generator, SamplingParams
@@ -68,14 +69,15 @@ def adapter_store(tmp_path_factory) -> LocalArtifactStore:
 
 @pytest.fixture(scope="session")
 def adapters(tmp_path_factory, base_dir, fingerprint, adapter_store) -> dict[str, StoredAdapter]:
-    """rationale-v1..v4: random adapters stored in ``adapter_store`` with manifests."""
+    """rationale-v1..v4 of namespace ``default``: random adapters stored in ``adapter_store`` with
+    manifests, keyed by the wire label; ``.name`` is the served name ("ns-default--rationale-v1")."""
     out = {}
     for version in (1, 2, 3, 4):
-        name = f"rationale-v{version}"
-        path = save_random_lora(base_dir, tmp_path_factory.mktemp(name), seed=version)
+        label, name = f"rationale-v{version}", served_name("default", version)
+        path = save_random_lora(base_dir, tmp_path_factory.mktemp(label), seed=version)
         manifest = manifest_for(path, fingerprint, version)
-        uri = adapter_store.put_dir(path, f"default/{name}")
-        out[name] = StoredAdapter(name, path, uri, manifest)
+        uri = adapter_store.put_dir(path, f"default/{label}")
+        out[label] = StoredAdapter(name, path, uri, manifest)
     return out
 
 

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from illume.adapters import served_name
 from illume.adapters.cache import AdapterCache
 from illume.adapters.manifest import AdapterConflict, AdapterVerificationError, build_manifest
 from illume.errors import FailedPrecondition, InvalidRequest
@@ -32,12 +33,13 @@ def test_an_installed_adapter_generates_like_the_adapter_loaded_directly(
     cache, generator, adapters, base_dir, images
 ):
     plain = [signature(r) for r in generator.generate([make_request(images[0])])]
-    assert _ensure(cache, adapters["rationale-v1"]) is True
-    assert generator.adapter_names() == ["rationale-v1"] and cache.loaded() == ["rationale-v1"]
+    v1 = adapters["rationale-v1"]
+    assert _ensure(cache, v1) is True
+    assert generator.adapter_names() == [v1.name] and cache.loaded() == [v1.name]
     direct = load_model(ModelSettings(path=base_dir))
     direct.model = load_adapter_model(direct.model, adapters["rationale-v1"].path, adapter_name="x")
     expected = Generator(direct).generate([make_request(images[0], adapter="x")])[0]
-    got = generator.generate([make_request(images[0], adapter="rationale-v1"), make_request(images[0])])
+    got = generator.generate([make_request(images[0], adapter=v1.name), make_request(images[0])])
     assert signature(got[0]) == signature(expected)
     assert signature(got[0]) != plain[0]  # the adapter changes the output
     assert [signature(got[1])] == plain  # base rows are unchanged
@@ -56,7 +58,7 @@ def test_installing_a_loaded_name_is_a_no_op_or_a_conflict(cache, adapters, tmp_
     assert err.value.code == "ALREADY_EXISTS"
     with pytest.raises(InvalidRequest):
         cache.ensure("production", v1.uri, v1.manifest)
-    assert cache.loaded() == ["rationale-v1"]
+    assert cache.loaded() == [v1.name]
 
 
 def test_a_refused_adapter_leaves_the_served_ones_untouched(cache, generator, adapters, images, tmp_path):
@@ -93,14 +95,14 @@ def test_an_adapter_that_does_not_fit_the_model_is_rolled_back(
     manifest = manifest_for(wide, fingerprint, 5)
     uri = cache.artifacts.put_dir(wide, "default/rationale-v5-wide")
     with pytest.raises(Exception, match="size mismatch"):  # first install: the wrap is undone
-        cache.ensure("rationale-v5", uri, manifest)
+        cache.ensure(served_name("default", 5), uri, manifest)
     assert generator.adapter_names() == [] and cache.loaded() == []
     assert not hasattr(generator.model, "peft_config")
     assert signature(generator.generate([make_request(images[0])])[0]) == plain
     _ensure(cache, adapters["rationale-v1"])
     with pytest.raises(Exception, match="size mismatch"):  # later install: the adapter is deleted
-        cache.ensure("rationale-v5", uri, manifest)
-    assert generator.adapter_names() == ["rationale-v1"]
+        cache.ensure(served_name("default", 5), uri, manifest)
+    assert generator.adapter_names() == [adapters["rationale-v1"].name]
     assert signature(generator.generate([make_request(images[0])])[0]) == plain
 
 
@@ -131,14 +133,15 @@ def test_evicting_the_last_adapter_restores_the_plain_model(cache, generator, ad
     plain = signature(generator.generate([make_request(images[2])])[0])
     _ensure(cache, adapters["rationale-v1"])
     _ensure(cache, adapters["rationale-v2"])
-    assert cache.evict("rationale-v1") is True and cache.evict("rationale-v1") is False
-    assert generator.adapter_names() == ["rationale-v2"]
-    assert cache.evict("rationale-v2") is True
+    v1, v2 = adapters["rationale-v1"].name, adapters["rationale-v2"].name
+    assert cache.evict(v1) is True and cache.evict(v1) is False
+    assert generator.adapter_names() == [v2]
+    assert cache.evict(v2) is True
     assert generator.adapter_names() == [] and not hasattr(generator.model, "peft_config")
     assert signature(generator.generate([make_request(images[2])])[0]) == plain
     assert list(cache.work_dir.iterdir()) == []
     with pytest.raises(KeyError):
-        generator.generate([make_request(images[2], adapter="rationale-v2")])
+        generator.generate([make_request(images[2], adapter=v2)])
 
 
 def test_prepare_does_not_wait_for_a_running_batch(cache, generator, adapters):
@@ -193,6 +196,6 @@ def test_a_manifest_without_required_files_is_refused(cache, adapters, fingerpri
     )
     uri = cache.artifacts.put_dir(path, "default/garbage")
     with pytest.raises(AdapterVerificationError, match="unreadable"):
-        cache.ensure("rationale-v9", uri, manifest)
+        cache.ensure(served_name("default", 9), uri, manifest)
     assert json.loads((path / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert cache.loaded() == []

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from illume.adapters import served_name
 from illume.adapters.manifest import (
     MANIFEST_NAME,
     AdapterVerificationError,
@@ -134,8 +135,28 @@ def test_build_needs_a_peft_directory(tmp_path, fingerprint):
         )
 
 
-def test_adapter_names_are_versions():
-    assert check_adapter_name("rationale-v12") == 12
-    for bad in ("rationale-v0", "rationale-v07", "v1", "production", "rationale-v1/../x"):
+def test_adapter_names_are_namespace_and_version():
+    assert check_adapter_name("ns-default--rationale-v12") == ("default", 12)
+    # '-' and "--" may occur in a namespace: the name is parsed from its anchored end; '.' is '~'.
+    for namespace in ("a--b", "x.y", "t-", "--rationale-v1", "_", "é"):
+        assert check_adapter_name(served_name(namespace, 3)) == (namespace, 3)
+    assert served_name("x.y", 3) == "ns-x~y--rationale-v3"
+    assert len({served_name(ns, 1) for ns in ("a-", "a", "a--", "a.", "a_")}) == 5
+    bad_names = (
+        "rationale-v12",  # the wire label says nothing of the namespace
+        "ns---rationale-v1",  # empty namespace
+        "ns-a--rationale-v0",
+        "ns-a--rationale-v07",
+        "ns-a.b--rationale-v1",  # '.' is written '~'
+        "ns-a b--rationale-v1",
+        "ns-a/../b--rationale-v1",
+        "ns-a--rationale-v1x",
+        "v1",
+        "production",
+    )
+    for bad in bad_names:
         with pytest.raises(InvalidRequest):
             check_adapter_name(bad)
+    for namespace, version in (("", 1), ("a b", 1), ("a", 0), ("a", True)):
+        with pytest.raises(ValueError):
+            served_name(namespace, version)
