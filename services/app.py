@@ -24,14 +24,23 @@ from services.loop_controller import LoopController
 HEALTH_CHECK_PERIOD_S = 5
 
 
+def actor_options(config: AppConfig, num_cpus: float, **more: Any) -> dict[str, Any]:
+    """A serving replica's Ray options: its CPUs, plus the resources that pin it to serving nodes."""
+    options: dict[str, Any] = {"num_cpus": num_cpus, **more}
+    if config.serve_resources:
+        options["resources"] = dict(config.serve_resources)
+    return options
+
+
 def generator_options(config: AppConfig) -> dict[str, Any]:
     g = config.generator
     options: dict[str, Any] = {
         "name": "Generator",
         "max_ongoing_requests": g.max_ongoing_requests,
         "max_queued_requests": g.max_queued_requests,
-        "ray_actor_options": {"num_cpus": g.num_cpus, "num_gpus": g.num_gpus},
+        "ray_actor_options": actor_options(config, g.num_cpus, num_gpus=g.num_gpus),
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+        "graceful_shutdown_timeout_s": config.ingress.shutdown_grace_s,
     }
     if g.autoscaling:
         options["autoscaling_config"] = g.autoscaling.model_dump()
@@ -54,15 +63,17 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
         name="FeedbackLog",
         num_replicas=1,  # the single writer of generations and feedback
         max_ongoing_requests=config.feedback_log.max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.feedback_log.num_cpus},
+        ray_actor_options=actor_options(config, config.feedback_log.num_cpus),
+        graceful_shutdown_timeout_s=config.ingress.shutdown_grace_s,
     ).bind(config.feedback_log)
     loop_controller = None
     if config.tuning.enabled:
         loop_controller = LoopController.options(
-            name="LoopController", num_replicas=1, ray_actor_options={"num_cpus": 0.1}
+            name="LoopController", num_replicas=1, ray_actor_options=actor_options(config, 0.1)
         ).bind(config)
     return Ingress.options(
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.ingress.num_cpus},
+        ray_actor_options=actor_options(config, config.ingress.num_cpus),
+        graceful_shutdown_timeout_s=config.ingress.shutdown_grace_s,
     ).bind(config, generator, feedback_log, loop_controller)

@@ -128,6 +128,14 @@ class IngressSettings(_Settings):
     num_cpus: float = Field(0.25, gt=0, description="Ray CPUs per replica.")
     max_ongoing_requests: int = Field(512, ge=1, description="Concurrent calls per replica.")
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Request limits and defaults.")
+    shutdown_grace_s: float = Field(
+        30.0,
+        gt=0,
+        le=600,
+        description="Calls in flight get this long to finish when the server or a replica stops "
+        "(SIGTERM, scale-down, upgrade); Serve's graceful_shutdown_timeout_s of every deployment is "
+        "set to it, and a pod's terminationGracePeriodSeconds must exceed it (docs/DEPLOY.md).",
+    )
 
 
 class TuningSettings(_Settings):
@@ -187,6 +195,11 @@ class AppConfig(_Settings):
         default_factory=lambda: ["default"],
         description="Namespaces declared at start (added to those already declared in the store; "
         "never removed). Others are declared with the Admin DeclareNamespace RPC.",
+    )
+    serve_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources every serving replica asks for (for example "
+        '{"illume-serve": 0.01}), so serving deployments land only on serving nodes.',
     )
     server_version: str = Field(
         "", description="Reported by GetServerStatus; the package version when empty."
