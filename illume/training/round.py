@@ -28,10 +28,30 @@ Contract:
   objective), ``rationale_loss`` / ``answer_loss`` (mean row loss of each kind, NaN if the epoch had
   none), ``rows``, ``steps``, ``seconds`` and ``learning_rate`` (the rate after the epoch's last step).
 - Deterministic on CPU: the seed fixes the LoRA initialisation, the shuffling and the dropout, so
-  the same snapshot, config and seed give identical adapter tensors.
+  the same snapshot, config and seed (and world size) give identical adapter tensors. Epoch ``e``'s
+  data order depends on the seed and ``e`` only: each replay pass's loader draws its orders in turn
+  from its own generator seeded with the seed; a distributed sampler shuffles with seed + ``e``.
+- ``checkpoint(epoch, metrics, state_dir)``, when given, is called by every process after
+  ``reporter`` at the end of every epoch (the last included). On the main process ``state_dir``
+  is a fresh temporary directory already holding the complete training state, on other ranks
+  None; it is deleted when the callback returns (or raises), so the callback copies or uploads it
+  synchronously (as ``ray.train.report`` does). The state (``TrainingState``, format
+  ``TRAINING_STATE_FORMAT``): the trainable LoRA tensors of the unwrapped model (safetensors), the
+  optimizer and LR scheduler state dicts, the epoch just finished, the step count, the epochs'
+  metrics so far, the RNG states of every rank (torch, CUDA when available, ``random``, numpy,
+  and each loader's shuffling generator), the snapshot's sha256, the TrainConfig, the world size
+  and the base checkpoint's fingerprint.
+- ``resume_from`` is such a directory, given to every rank: the round restores it and continues
+  at the next epoch; ``reporter`` and ``checkpoint`` see the new epochs only, and the adapter,
+  the step count and the epochs' metrics (restored ones included; ``seconds`` aside) equal an
+  uninterrupted round's. A state
+  that already reached ``config.epochs`` or ``max_steps`` trains nothing and saves its adapter. A
+  state of another snapshot, TrainConfig, world size, base or format raises ValueError with a
+  one-line reason (all but the base before the model loads).
 - ``prepare_model`` / ``prepare_loader`` are identity by default; a Ray Train worker passes
   ``ray.train.torch.prepare_model`` / ``prepare_data_loader`` (DDP and a distributed sampler).
-  Under ``torch.distributed`` only rank 0 writes ``out_dir``. Nothing here imports Ray.
+  Under ``torch.distributed`` only rank 0 writes ``out_dir`` and the training state (gathering
+  every rank's RNG states: ``checkpoint`` runs in step on all ranks). Nothing here imports Ray.
 """
 
 from __future__ import annotations
@@ -40,13 +60,17 @@ import contextlib
 import hashlib
 import json
 import math
+import random
+import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
@@ -64,6 +88,8 @@ from illume.training.snapshot import Snapshot, SnapshotRow
 IGNORE_INDEX = -100
 ROUND_METADATA = "illume_round.json"
 Reporter = Callable[[int, dict[str, float]], None]
+# checkpoint(epoch, metrics, state_dir): state_dir is the training state (main process) or None.
+Checkpointer = Callable[[int, dict[str, float], Path | None], None]
 ImageLoader = Callable[[str], Image.Image]
 
 
@@ -330,7 +356,7 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device) for k, v in batch.items()}
 
 
-# --- the round -------------------------------------------------------------------------------
+# --- the model -------------------------------------------------------------------------------
 
 
 def _unwrap(model: Any) -> Any:
@@ -394,6 +420,246 @@ def adapter_sha256(adapter_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
+# --- training state: checkpoint after an epoch, resume at the next --------------------------
+
+TRAINING_STATE_FORMAT = 1
+_STATE_FILE = "training_state.json"
+_TRAINABLE_FILE = "trainable.safetensors"
+_OPTIMIZER_FILE = "optimizer.pt"
+_RNG_FILE = "rng.pt"
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """A round's progress after an epoch: ``training_state.json`` of a state directory.
+
+    Beside it: ``trainable.safetensors`` (the trainable LoRA parameters by name),
+    ``optimizer.pt`` (optimizer and LR scheduler state dicts) and ``rng.pt`` (the RNG states of
+    every rank). ``training_state.json`` is written last.
+    """
+
+    epoch: int
+    steps: int
+    epochs: list[dict[str, float]]
+    snapshot_sha256: str
+    config: dict[str, Any]
+    world_size: int
+    base_fingerprint: str
+    format: int = TRAINING_STATE_FORMAT
+
+
+def load_training_state(
+    directory: str | Path, *, snapshot: Snapshot, config: TrainConfig, world_size: int
+) -> TrainingState:
+    """The state in ``directory``; ValueError (one line) when this round cannot continue from it."""
+    path = Path(directory) / _STATE_FILE
+    if not path.is_file():
+        raise ValueError(f"{directory} holds no training state ({_STATE_FILE} is missing)")
+    data = json.loads(path.read_text())
+    if data.get("format") != TRAINING_STATE_FORMAT:
+        raise ValueError(f"training state format {data.get('format')!r} is not {TRAINING_STATE_FORMAT}")
+    state = TrainingState(**data)
+    if state.snapshot_sha256 != snapshot.sha256:
+        raise ValueError(
+            f"the training state is of snapshot {state.snapshot_sha256}, not of {snapshot.sha256}"
+        )
+    current = config.model_dump(mode="json")
+    differing = sorted(
+        k for k in current.keys() | state.config.keys() if current.get(k) != state.config.get(k)
+    )
+    if differing:
+        raise ValueError(
+            f"the training state was written with another TrainConfig ({', '.join(differing)} differ)"
+        )
+    if state.world_size != world_size:
+        # The distributed sampler's split and every rank's RNG stream depend on the world size.
+        raise ValueError(f"the training state was written by {state.world_size} workers, not {world_size}")
+    return state
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) outside torch.distributed."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _trainable_parameters(peft_model: Any) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def _restore_trainable(peft_model: Any, directory: Path) -> None:
+    from safetensors.torch import load_file
+
+    saved = load_file(directory / _TRAINABLE_FILE)
+    params = _trainable_parameters(peft_model)
+    if saved.keys() != params.keys():
+        raise ValueError("the training state's adapter has other parameters than this round's model")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(saved[name])
+
+
+def _loader_generators(loaders: Sequence[Any]) -> list[torch.Generator | None]:
+    """The generator each loader shuffles with (None for one that does not have its own)."""
+    generators = [getattr(loader, "generator", None) for loader in loaders]
+    return [g if isinstance(g, torch.Generator) else None for g in generators]
+
+
+def _rng_state(loaders: Sequence[Any]) -> dict[str, Any]:
+    name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    return {
+        # Each replay pass's loader draws its next epoch's order from its own generator.
+        "loaders": [g.get_state() if g is not None else None for g in _loader_generators(loaders)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "python": random.getstate(),
+        # As a tensor: torch.load(weights_only=True) refuses numpy arrays.
+        "numpy": (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
+    }
+
+
+def _set_rng_state(state: dict[str, Any], loaders: Sequence[Any]) -> None:
+    for generator, saved in zip(_loader_generators(loaders), state["loaders"], strict=True):
+        if generator is not None and saved is not None:
+            generator.set_state(saved)
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def _every_rank_rng_state(loaders: Sequence[Any]) -> list[dict[str, Any]]:
+    """The RNG states of all ranks, by rank (a collective under torch.distributed)."""
+    _, world_size = _world()
+    if world_size == 1:
+        return [_rng_state(loaders)]
+    states: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(states, _rng_state(loaders))
+    return states
+
+
+def _write_training_state(
+    directory: Path, state: TrainingState, peft_model: Any, optimizer: Any, scheduler: Any, rng: list[Any]
+) -> None:
+    from safetensors.torch import save_file
+
+    trainable = {name: p.detach().cpu().contiguous() for name, p in _trainable_parameters(peft_model).items()}
+    save_file(trainable, directory / _TRAINABLE_FILE)
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        directory / _OPTIMIZER_FILE,
+    )
+    torch.save(rng, directory / _RNG_FILE)
+    (directory / _STATE_FILE).write_text(json.dumps(asdict(state), indent=1, sort_keys=True))
+
+
+def _hand_over_training_state(
+    checkpoint: Checkpointer,
+    metrics: dict[str, float],
+    state: TrainingState,
+    peft_model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    loaders: Sequence[Any],
+) -> None:
+    """Write the state to a fresh directory (main process), call ``checkpoint``, then delete it."""
+    rng = _every_rank_rng_state(loaders)
+    if not _is_main_process():
+        checkpoint(state.epoch, dict(metrics), None)
+        return
+    directory = Path(tempfile.mkdtemp(prefix="illume-training-state-"))
+    try:
+        _write_training_state(directory, state, peft_model, optimizer, scheduler, rng)
+        checkpoint(state.epoch, dict(metrics), directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _restore_optimizer(optimizer: Any, scheduler: Any, directory: Path) -> None:
+    saved = torch.load(directory / _OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+
+
+def _restore_rng(directory: Path, rank: int, loaders: Sequence[Any]) -> None:
+    _set_rng_state(torch.load(directory / _RNG_FILE, weights_only=True)[rank], loaders)
+
+
+def _start_epoch(loader: Any, seed: int, epoch: int) -> None:
+    """Tell a distributed sampler the epoch (and the round's seed: its own is 0) so it reshuffles."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        if hasattr(sampler, "seed"):
+            sampler.seed = seed
+        sampler.set_epoch(epoch)
+
+
+def _reached_max_steps(steps: int, config: TrainConfig) -> bool:
+    return config.max_steps is not None and steps >= config.max_steps
+
+
+def _train_epoch(
+    model: Any,
+    loader: Any,
+    optimizer: Any,
+    scheduler: Any,
+    trainable: list[torch.nn.Parameter],
+    config: TrainConfig,
+    *,
+    normaliser: float,
+    loaded: LoadedModel,
+    steps: int,
+) -> tuple[dict[str, float], int]:
+    """One pass over ``loader`` (cut short at ``max_steps``): its metrics and the step count after it."""
+    started = time.perf_counter()
+    totals = dict.fromkeys(
+        ("objective", "weighted", "weights", "batches", "rationale", "n_rationale", "answer", "n_answer"), 0.0
+    )
+    for batch in loader:
+        batch = _to_device(batch, loaded.device)
+        losses = row_losses(model, batch, loaded.dtype)
+        weights = batch["row_weight"].view(-1).to(losses.dtype)
+        objective = (weights * losses).sum() / (losses.shape[0] * normaliser)
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        steps += 1
+        is_rationale = batch["is_rationale"].view(-1)
+        detached = losses.detach()
+        totals["objective"] += float(objective.detach())
+        totals["weighted"] += float((weights * detached).sum())
+        totals["weights"] += float(weights.sum())
+        totals["batches"] += 1
+        totals["rationale"] += float(detached[is_rationale].sum())
+        totals["n_rationale"] += int(is_rationale.sum())
+        totals["answer"] += float(detached[~is_rationale].sum())
+        totals["n_answer"] += int((~is_rationale).sum())
+        if _reached_max_steps(steps, config):
+            break
+    metrics = {
+        "loss": _mean(totals["weighted"], totals["weights"]),
+        "objective": _mean(totals["objective"], totals["batches"]),
+        "rationale_loss": _mean(totals["rationale"], totals["n_rationale"]),
+        "answer_loss": _mean(totals["answer"], totals["n_answer"]),
+        "rows": float(totals["n_rationale"] + totals["n_answer"]),
+        "steps": float(steps),
+        "seconds": time.perf_counter() - started,
+        "learning_rate": optimizer.param_groups[0]["lr"],
+    }
+    return metrics, steps
+
+
+# --- the round -------------------------------------------------------------------------------
+
+
 def train_round(
     snapshot: Snapshot,
     config: TrainConfig,
@@ -405,16 +671,29 @@ def train_round(
     parent_adapter: str | Path | None = None,
     prepare_model: Callable[[Any], Any] | None = None,
     prepare_loader: Callable[[Any], Any] | None = None,
+    checkpoint: Checkpointer | None = None,
+    resume_from: str | Path | None = None,
 ) -> RoundResult:
     """Train a LoRA adapter on ``snapshot`` and save it to ``out_dir`` (see the module docstring)."""
     if not snapshot.rows:
         raise ValueError("the snapshot has no rows to train on")
     started = time.perf_counter()
+    rank, world_size = _world()
+    resume_dir = Path(resume_from) if resume_from is not None else None
+    resumed = (
+        load_training_state(resume_dir, snapshot=snapshot, config=config, world_size=world_size)
+        if resume_dir is not None
+        else None
+    )
     loaded = load_model(
         ModelSettings(
             path=Path(model_dir), device=config.device, dtype=config.dtype, image_backend=config.image_backend
         )
     )
+    if resumed is not None and resumed.base_fingerprint != loaded.fingerprint():
+        raise ValueError(
+            f"the training state was trained on base {resumed.base_fingerprint}, not on {model_dir}"
+        )
     parent = Path(parent_adapter) if parent_adapter is not None and config.init_from == "parent" else None
     torch.manual_seed(config.seed)
     model = _lora_model(loaded, config, parent)
@@ -422,6 +701,8 @@ def train_round(
         param.requires_grad = "lora_" in name
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if resume_dir is not None:
+        _restore_trainable(model, resume_dir)  # before prepare_model: DDP starts from these weights
     model = (prepare_model or (lambda m: m))(model)
     loaders = [
         (prepare_loader or (lambda d: d))(
@@ -434,70 +715,53 @@ def train_round(
         )
         for p in range(min(snapshot.passes, config.epochs))
     ]
+    # The optimizer covers the same parameters in the same order as the one whose state is restored.
     optimizer = torch.optim.AdamW(
         trainable, lr=config.learning_rate, betas=config.betas, weight_decay=config.weight_decay
     )
     scheduler = learning_rate_schedule(optimizer, config, planned_steps(loaders, config))
-    normaliser = mean_row_weight(snapshot)
-    device = loaded.device
     epochs: list[dict[str, float]] = []
     steps = 0
-    for epoch in range(1, config.epochs + 1):
+    if resume_dir is not None and resumed is not None:
+        _restore_optimizer(optimizer, scheduler, resume_dir)
+        epochs, steps = list(resumed.epochs), resumed.steps
+        # Last: nothing between here and the first batch draws random numbers.
+        _restore_rng(resume_dir, rank, loaders)
+    normaliser = mean_row_weight(snapshot)
+    first_epoch = resumed.epoch + 1 if resumed is not None else 1
+    for epoch in range(first_epoch, config.epochs + 1):
+        if _reached_max_steps(steps, config):
+            break
         loader = epoch_loader(loaders, epoch)
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        epoch_start = time.perf_counter()
-        totals = {
-            "objective": 0.0,
-            "weighted": 0.0,
-            "weights": 0.0,
-            "batches": 0,
-            "rationale": 0.0,
-            "n_rationale": 0,
-            "answer": 0.0,
-            "n_answer": 0,
-        }
-        for batch in loader:
-            batch = _to_device(batch, device)
-            losses = row_losses(model, batch, loaded.dtype)
-            weights = batch["row_weight"].view(-1).to(losses.dtype)
-            objective = (weights * losses).sum() / (losses.shape[0] * normaliser)
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            steps += 1
-            is_rationale = batch["is_rationale"].view(-1)
-            detached = losses.detach()
-            totals["objective"] += float(objective.detach())
-            totals["weighted"] += float((weights * detached).sum())
-            totals["weights"] += float(weights.sum())
-            totals["batches"] += 1
-            totals["rationale"] += float(detached[is_rationale].sum())
-            totals["n_rationale"] += int(is_rationale.sum())
-            totals["answer"] += float(detached[~is_rationale].sum())
-            totals["n_answer"] += int((~is_rationale).sum())
-            if config.max_steps is not None and steps >= config.max_steps:
-                break
-        metrics = {
-            "epoch": float(epoch),
-            "loss": _mean(totals["weighted"], totals["weights"]),
-            "objective": _mean(totals["objective"], totals["batches"]),
-            "rationale_loss": _mean(totals["rationale"], totals["n_rationale"]),
-            "answer_loss": _mean(totals["answer"], totals["n_answer"]),
-            "rows": float(totals["n_rationale"] + totals["n_answer"]),
-            "steps": float(steps),
-            "seconds": time.perf_counter() - epoch_start,
-            "learning_rate": optimizer.param_groups[0]["lr"],
-        }
+        _start_epoch(loader, config.seed, epoch)
+        metrics, steps = _train_epoch(
+            model,
+            loader,
+            optimizer,
+            scheduler,
+            trainable,
+            config,
+            normaliser=normaliser,
+            loaded=loaded,
+            steps=steps,
+        )
+        metrics = {"epoch": float(epoch), **metrics}
         epochs.append(metrics)
         if reporter is not None:
             reporter(epoch, dict(metrics))
-        if config.max_steps is not None and steps >= config.max_steps:
-            break
+        if checkpoint is not None:
+            state = TrainingState(
+                epoch=epoch,
+                steps=steps,
+                epochs=list(epochs),
+                snapshot_sha256=snapshot.sha256,
+                config=config.model_dump(mode="json"),
+                world_size=world_size,
+                base_fingerprint=loaded.fingerprint(),
+            )
+            _hand_over_training_state(
+                checkpoint, metrics, state, _unwrap(model), optimizer, scheduler, loaders
+            )
     out = Path(out_dir)
     peft_model = _unwrap(model)
     initialised_from = str(parent) if parent is not None else "base"
