@@ -8,12 +8,16 @@ import pytest
 import torch
 
 from illume.generation.generator import GenerateRequest, Generator, SamplingParams, top_k_count
+from illume.generation.hf_engine import encode
+from illume.generation.prompts import rationale_prompt
 from illume.models import ModelSettings, load_model
 
 
-@pytest.fixture(scope="module", params=["llava", "idefics3"])
+@pytest.fixture(scope="module", params=["llava", "idefics3", "llava-repeated"])
 def generator(request, tiny_dir) -> Generator:
-    return Generator(load_model(ModelSettings(path=tiny_dir(request.param))))
+    """The default engine (one prefill per request) on both families, and the repeated-rows engine."""
+    arch, _, engine = request.param.partition("-")
+    return Generator(load_model(ModelSettings(path=tiny_dir(arch))), engine=engine or "auto")
 
 
 def _request(image, question="what colour is the square?", answer="red", **sampling) -> GenerateRequest:
@@ -39,7 +43,7 @@ def test_top_k_of_one_token_is_greedy_decoding(generator, images):
     one_token = _request(images[0], n=3, top_k_fraction=1.0 / vocab, temperatures=(1.5,), seed=1)
     result = generator.generate([one_token])[0]
     loaded = generator.loaded
-    encoded = generator._encode([generator._rationale_rows([one_token], ["red"])[0]], [images[0]])
+    encoded = encode(loaded, [rationale_prompt(one_token.question, "red")], [images[0]])
     greedy = loaded.model.generate(
         **encoded,
         do_sample=False,
@@ -122,8 +126,8 @@ def test_answer_step_when_no_answer_is_given(generator, images):
     question = "what colour is the square?"
     result = generator.generate([_request(images[0], question=question, answer=None)])[0]
     assert result.answer_generated
-    rows = generator._answers([_request(images[0], question=question, answer=None)])
-    assert result.answer == rows[0]  # the greedy answer is what the rationale prompt used
+    answers, _ = generator._answers([_request(images[0], question=question, answer=None)])
+    assert result.answer == answers[0]  # the greedy answer is what the rationale prompt used
     given = generator.generate([_request(images[0], answer="blue")])[0]
     assert not given.answer_generated and given.answer == "blue"
 
