@@ -12,11 +12,19 @@
   each row's positions continue its own prompt. A row that finishes is yielded at once and dropped
   from the batch, so finished rows cost no more compute. Each row names its adapter (peft's
   ``adapter_names``), so one batch mixes adapters and the base model.
-- Only families whose positions are plain token indices and whose prompt attention is causal and
-  global fork, and only those tested fork == repeated rows (``FORK_MODEL_TYPES``: LLaVA, Idefics3).
-  LLaVA-NeXT, Idefics2 and SmolVLM qualify in principle but are not tested yet; Qwen2-VL's
-  multimodal rotary positions, PaliGemma's bidirectional prefix and Gemma 3's sliding windows would
-  each need their own cache handling. Every other family runs ``RepeatedRowsEngine``.
+- Positions: each state keeps its text positions' offset from token indices (``position_offset``:
+  0 for most families, 1 for PaliGemma, which counts from 1, and for Qwen2-VL and Qwen2.5-VL the
+  multimodal rotary delta after the image); a fresh prefill lets the family compute its own
+  positions (3-D for Qwen), and a reuse prefill and the decode continue at index + offset.
+- A prefix-LM family (``PREFIX_LM_MODEL_TYPES``: PaliGemma, whose whole prompt attends
+  bidirectionally) never reuses another prompt's cache: the answer and the rationale prompts are
+  each prefilled once (two image encodings for a request without an answer, still one for all its
+  rows). Gemma 3's sliding-window layers keep the whole cache in the fork (the family's mask applies
+  the window), so those layers save no memory here.
+- ``FORK_MODEL_TYPES`` lists the families tested fork == repeated rows, candidate for candidate
+  (tests/unit/generation/test_architectures.py, docs/ARCHITECTURES.md): LLaVA, LLaVA-NeXT,
+  Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM, PaliGemma, Gemma 3. Every other family runs
+  ``RepeatedRowsEngine`` until it is added to that matrix.
 
 ``RepeatedRowsEngine`` is the original path: ``prefill`` only remembers the prompt, and ``decode``
 makes one ``generate`` call in which every row encodes its image and whole prompt again. It works
@@ -40,7 +48,19 @@ from illume.generation.sampling import RowSampler
 from illume.models.loading import LoadedModel
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
-FORK_MODEL_TYPES = frozenset({"llava", "idefics3"})
+FORK_MODEL_TYPES = frozenset(
+    {"llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "gemma3"}
+)
+# Families whose text positions are offset from token indices by a per-prompt constant after the
+# image (multimodal rotary positions: the image's tokens take fewer positions than tokens).
+MROPE_MODEL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl"})
+# Families whose positions start at 1, not 0 (PaliGemma's own forward and ``generate`` add one).
+ONE_INDEXED_MODEL_TYPES = frozenset({"paligemma"})
+# Families whose whole prompt attends bidirectionally (a prefix-LM): a longer prompt changes the
+# keys and values of every earlier token, so no prompt's cache is a prefix of another's.
+PREFIX_LM_MODEL_TYPES = frozenset({"paligemma"})
+# Processor outputs that are not model inputs at inference (PaliGemma's training labels).
+_NOT_INPUTS = frozenset({"labels"})
 
 
 def fork_supported(loaded: LoadedModel) -> bool:
@@ -58,6 +78,7 @@ def encode(
     return {
         k: v.to(loaded.device, dtype=loaded.dtype) if v.is_floating_point() else v.to(loaded.device)
         for k, v in encoded.items()
+        if k not in _NOT_INPUTS
     }
 
 
@@ -87,6 +108,7 @@ class ForkState:
     logits: torch.Tensor
     adapter: str | None
     image: Image.Image
+    position_offset: int = 0  # a token's position minus its index after the image (see _position_offset)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -116,7 +138,8 @@ class ForkEngine:
             cache = DynamicCache(
                 ddp_cache_data=[(k[:, :, :shared], v[:, :, :shared]) for k, v in previous.layers]
             )
-            positions = torch.arange(shared, ids.shape[1], device=ids.device).unsqueeze(0)
+            offset = previous.position_offset
+            positions = torch.arange(shared, ids.shape[1], device=ids.device).unsqueeze(0) + offset
             inputs = {
                 "input_ids": ids[:, shared:],
                 "attention_mask": encoded["attention_mask"],
@@ -124,6 +147,7 @@ class ForkEngine:
             }
         else:
             cache, inputs = DynamicCache(), encoded
+            offset = self._position_offset(encoded)
         out = self._forward(inputs, cache, [prompt.adapter])
         return ForkState(
             token_ids=tuple(ids[0].tolist()),
@@ -131,11 +155,36 @@ class ForkEngine:
             logits=out.logits[0, -1].float(),
             adapter=prompt.adapter,
             image=prompt.image,
+            position_offset=offset,
         )
+
+    def _position_offset(self, encoded: dict[str, torch.Tensor]) -> int:
+        """The prompt's text position minus token index after its image (usually 0).
+
+        PaliGemma counts positions from 1. Qwen2-VL and Qwen2.5-VL give the image's tokens 3-D
+        positions that advance by the image's grid, not by its token count; every text token after
+        the image then sits at its index plus this constant in all three rotary sections, which is
+        what the family's own ``generate`` uses for the tokens it decodes (its ``rope_deltas``).
+        """
+        if self.loaded.model_type in ONE_INDEXED_MODEL_TYPES:
+            return 1
+        if self.loaded.model_type not in MROPE_MODEL_TYPES:
+            return 0
+        model = self.loaded.model
+        owner = next(m for m in model.modules() if hasattr(m, "get_rope_index"))
+        _, deltas = owner.get_rope_index(
+            encoded["input_ids"],
+            mm_token_type_ids=encoded["mm_token_type_ids"],
+            image_grid_thw=encoded.get("image_grid_thw"),
+            attention_mask=encoded["attention_mask"],
+        )
+        return int(deltas.reshape(-1)[0])
 
     def _reusable(self, previous: ForkState | None, prompt: Prompt, ids: list[int]) -> int:
         """How many leading tokens of ``previous``'s cache this prompt may keep (0: encode afresh)."""
         if previous is None or previous.adapter != prompt.adapter or previous.image is not prompt.image:
+            return 0
+        if self.loaded.model_type in PREFIX_LM_MODEL_TYPES:
             return 0
         image_token = getattr(self.loaded.model.config, "image_token_id", None)
         if image_token is None:
@@ -221,8 +270,9 @@ class _Batch:
                 values.append(torch.nn.functional.pad(v, pad).expand(count, -1, -1, -1))
             layers.append((torch.cat(keys), torch.cat(values)))
         lengths = [len(s) for s, c in zip(states, counts, strict=True) for _ in range(c)]
+        offsets = [s.position_offset for s, c in zip(states, counts, strict=True) for _ in range(c)]
         mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=device)
-        positions = torch.tensor(lengths, device=device)
+        positions = torch.tensor(lengths, device=device) + torch.tensor(offsets, device=device)
         return cls(DynamicCache(ddp_cache_data=layers), mask, positions, list(range(len(lengths))))
 
     def keep(self, positions: list[int]) -> None:

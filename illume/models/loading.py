@@ -1,7 +1,10 @@
 """Loading an image-text-to-text checkpoint from a local directory.
 
 Any Hugging Face checkpoint that ``AutoModelForImageTextToText`` and ``AutoProcessor`` understand
-loads here (LLaVA, Idefics3/SmolVLM, Qwen2-VL, PaliGemma, the project's own default model). Nothing
+loads here (the matrix of docs/ARCHITECTURES.md: LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Idefics3,
+SmolVLM, PaliGemma, Gemma 3; the project's own default model). Where torchvision is missing, the
+families whose processors also carry a video processor (Qwen2-VL, Qwen2.5-VL, SmolVLM) load an
+image-only subclass of their processor (``image_only_processor_class``). Nothing
 is ever downloaded: the path must be a local directory and loading runs with
 ``local_files_only=True``. The image processor uses the Pillow backend by default so preprocessing
 is identical on CPU and GPU machines (docs/ARCHITECTURE.md, "Image preprocessing backend"). The
@@ -26,7 +29,7 @@ from pydantic import BaseModel, Field
 from illume.errors import InvalidRequest
 
 # Model types whose processors take one list of images per text row.
-_NESTED_IMAGE_TYPES = {"idefics2", "idefics3", "smolvlm"}
+_NESTED_IMAGE_TYPES = {"idefics2", "idefics3", "smolvlm", "gemma3"}
 # Module names under which each family keeps its language model.
 _LANGUAGE_MODEL_NAMES = ("language_model", "text_model")
 DEFAULT_LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -120,6 +123,64 @@ def derive_image_placeholder(processor: Any, model_type: str) -> str:
     return str(token)
 
 
+def torchvision_available() -> bool:
+    """Whether torchvision imports here (transformers' video processors need it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torchvision") is not None
+
+
+_IMAGE_ONLY_CLASSES: dict[str, type] = {}
+
+
+def image_only_processor_class(model_type: str) -> type | None:
+    """The family's processor class without its video processor, or None where none is needed.
+
+    Contract: returns None when torchvision is importable or the family's processor takes no video
+    processor (``AutoProcessor`` then loads it as usual). Otherwise (Qwen2-VL, Qwen2.5-VL, SmolVLM
+    on a machine without torchvision, where transformers cannot build any video processor) it
+    returns a subclass of the family's processor whose only difference is that it neither loads,
+    checks nor saves a video processor (``video_processor`` is None): images and text are
+    processed by the family's own code, and a video input fails. It carries the family's class
+    name, which is what a checkpoint it saves records as its processor class (no video processor
+    config is written; with torchvision, transformers then has to find one on its own: untested).
+    """
+    if torchvision_available():
+        return None
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    name = PROCESSOR_MAPPING_NAMES.get(model_type)
+    base = getattr(transformers, name, None) if name else None
+    if base is None or "video_processor" not in base.get_attributes():
+        return None
+    if name not in _IMAGE_ONLY_CLASSES:
+        _IMAGE_ONLY_CLASSES[name] = _image_only(base)
+    return _IMAGE_ONLY_CLASSES[name]
+
+
+def _image_only(base: type) -> type:
+    attributes = base.get_attributes()
+    video_index = attributes.index("video_processor")
+
+    class ImageOnly(base):  # type: ignore[misc, valid-type]
+        video_processor = None
+
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            return [a for a in attributes if a != "video_processor"]
+
+        @classmethod
+        def _get_arguments_from_pretrained(cls, *args: Any, **kwargs: Any) -> list[Any]:
+            loaded = super()._get_arguments_from_pretrained(*args, **kwargs)
+            loaded.insert(video_index, None)  # the family's __init__ takes it positionally
+            return loaded
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = base.__name__
+    ImageOnly.__doc__ = f"{base.__name__} without a video processor (no torchvision here)."
+    return ImageOnly
+
+
 def load_model(settings: ModelSettings) -> LoadedModel:
     """Load the checkpoint of ``settings.path`` (local only), in eval mode, on the chosen device."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -132,9 +193,15 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
     model.to(device)
     model.eval()
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True, backend=settings.image_backend)
-    processor.tokenizer.padding_side = "left"
     model_type = str(model.config.model_type)
+    processor_class = image_only_processor_class(model_type)
+    if processor_class is None:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True, backend=settings.image_backend)
+    else:
+        processor = processor_class.from_pretrained(
+            path, local_files_only=True, backend=settings.image_backend
+        )
+    processor.tokenizer.padding_side = "left"
     placeholder = settings.image_placeholder or derive_image_placeholder(processor, model_type)
     return LoadedModel(
         model=model,
