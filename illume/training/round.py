@@ -165,6 +165,10 @@ class RoundResult:
 # --- encoding --------------------------------------------------------------------------------
 
 
+# Prefix-LM families: token type 1 marks the causal suffix (the target), 0 the prompt.
+CAUSAL_TARGET_TOKEN_TYPES = frozenset({"paligemma"})
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -204,6 +208,11 @@ def encode_row(loaded: LoadedModel, row: SnapshotRow, image: Image.Image) -> dic
             out[key] = value
         else:
             out[key] = value
+    if loaded.model_type in CAUSAL_TARGET_TOKEN_TYPES and "token_type_ids" in out:
+        # PaliGemma's prompt attends both ways (token type 0); a target marked 0 would see the
+        # tokens after it, so the loss would be taken on tokens the model can read ahead of.
+        out["token_type_ids"] = out["token_type_ids"].clone()
+        out["token_type_ids"][:, start:] = 1
     labels = out["input_ids"].clone()
     labels[:, :start] = IGNORE_INDEX
     out["labels"] = labels

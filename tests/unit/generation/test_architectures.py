@@ -14,6 +14,7 @@ the table.
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -29,7 +30,15 @@ from illume.generation.generator import GenerateRequest, GenerateResult, Generat
 from illume.generation.hf_engine import PREFIX_LM_MODEL_TYPES, ForkEngine, fork_supported
 from illume.models import ModelSettings, load_model
 from illume.models.loading import LoadedModel
-from illume.training.round import TrainConfig, _lora_config, load_adapter_model
+from illume.training.round import (
+    IGNORE_INDEX,
+    TrainConfig,
+    _lora_config,
+    encode_row,
+    load_adapter_model,
+    train_round,
+)
+from illume.training.snapshot import JudgedItem, Snapshot, SnapshotConfig, build_snapshot
 from tests.unit.generation.architectures import ARCHITECTURES, IMAGE_TOKENS, Architecture
 
 ADAPTER = served_name("matrix", 1)
@@ -178,3 +187,50 @@ def test_lora_on_the_language_model_changes_candidates_and_forks_exactly(family,
     for adapted, plain in zip(forked[::2], forked[1::2], strict=True):
         assert adapted.adapter == ADAPTER and plain.adapter is None
         assert _signature(adapted)[3] != _signature(plain)[3]
+
+
+def _one_row_snapshot(question: str, answer: str, target: str) -> Snapshot:
+    rows = [
+        JudgedItem(
+            item_id=f"q{k}",
+            image=f"img{k}",
+            question=question,
+            answer=answer,
+            accepted=(target,),
+            answer_correct=True,
+            generation_id=f"g{k}",
+            feedback_ids=(f"f{k}",),
+        )
+        for k in range(2)
+    ]
+    return build_snapshot(rows, SnapshotConfig(replay_ratio=1, seed=0))
+
+
+def test_one_lora_round_trains_and_changes_candidates(family, loaded, tmp_path):
+    """A training round runs on the family (its rows encode with labels on the target only) and the
+    adapter it saves changes what the model generates."""
+    checkpoint = family[1]
+    snapshot = _one_row_snapshot("what is it?", "yes", "the ball is red")
+    row = next(r for r in snapshot.rows if r.kind == "rationale")
+    encoded = encode_row(loaded, row, IMAGES[0])
+    target = encoded["labels"][0] != IGNORE_INDEX
+    assert 0 < int(target.sum()) < target.numel()
+    if loaded.model_type == "paligemma":
+        assert bool((encoded["token_type_ids"][0][target] == 1).all())
+        assert bool((encoded["token_type_ids"][0][: int(target.nonzero()[0])] == 0).all())
+    config = TrainConfig(epochs=1, batch_size=2, learning_rate=5e-2, seed=0)
+    result = train_round(
+        snapshot,
+        config,
+        model_dir=checkpoint,
+        image_loader=lambda ref: IMAGES[int(ref[-1]) % len(IMAGES)],
+        out_dir=tmp_path / "adapter",
+    )
+    assert result.steps >= 1 and math.isfinite(result.final_loss)
+    trained = load_model(ModelSettings(path=checkpoint))
+    trained.model = load_adapter_model(trained.model, result.adapter_dir, adapter_name=ADAPTER)
+    trained.model.eval()
+    request = _requests()[0]
+    base = Generator(loaded).generate([request])
+    tuned = Generator(trained).generate([replace(request, adapter=ADAPTER)])
+    assert _signature(tuned[0]) != _signature(base[0])
