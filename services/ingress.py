@@ -7,10 +7,34 @@ and routes to the Generator and FeedbackLog deployments through their handles.
 At start it declares the configured namespaces (``AppConfig.namespaces``; audited when new) and
 loads the keys; the keys file is re-read on change and each reload is audited as ``keys.reload``
 (one event per Ingress replica that reloads).
+
+Draining. An Ingress replica drains from the moment Serve starts to stop it
+(``drain_when_serve_stops_this_replica``): it refuses every new call with UNAVAILABLE, "server is
+shutting down", before reading the key, and the calls it admitted before run to their end. Serve's
+graceful stop then waits until the replica has no call left (it looks every
+``graceful_shutdown_wait_loop_s``, 2 s), and its controller kills the replica
+``graceful_shutdown_timeout_s`` (= ``IngressSettings.shutdown_grace_s``, 30 s by default) after the
+stop began. Both ways a replica stops go through it:
+
+- ``illume serve`` on SIGTERM or Ctrl-C (services/local.py, "Stopping"): Serve's gRPC proxy is
+  marked draining first, so its health check (``ray.serve.RayServeAPIService/Healthz``; the server
+  has no ``grpc.health.v1`` service) answers UNAVAILABLE while the proxy still forwards calls; then
+  this graceful stop runs on every Ingress replica; then Serve and Ray are shut down.
+- KubeRay, a replica removed by a scale-down or a redeploy, or moved off a node Ray drains: Serve's
+  controller takes it out of every router first (a long-poll update, milliseconds), then runs this
+  graceful stop. A call a stale router still sends there is refused with UNAVAILABLE (nothing was
+  done; the client or Envoy retries it, and it reaches another replica); the calls in flight get
+  ``shutdown_grace_s``. On a node being drained (``ray drain-node``) Serve starts each replica's
+  replacement elsewhere before stopping it, and the node's proxy answers Healthz with UNAVAILABLE
+  for at least ``RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S`` (30 s) before it goes. A pod's SIGTERM
+  itself stops every Ray process in it at once, without any of this: a pod's preStop has to drain
+  its node and wait for the replicas to go (replacement start + ``shutdown_grace_s`` + 2 s) before
+  the SIGTERM comes, and ``terminationGracePeriodSeconds`` must exceed that preStop.
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -24,9 +48,34 @@ from illume.validation import validate_namespace
 from services.auth import Authenticator
 from services.config import AppConfig
 from services.servicers.admin import AdminServicer
-from services.servicers.base import DeclaredNamespaces
+from services.servicers.base import DeclaredNamespaces, Drain
 from services.servicers.feedback import FeedbackServicer
 from services.servicers.rationale import RationaleServicer
+
+
+def drain_when_serve_stops_this_replica(drain: Drain) -> None:
+    """Begin ``drain`` the moment Serve starts the graceful stop of the replica in this process.
+
+    Serve (2.60) tells a deployment nothing before it drains a replica (``__del__`` runs only after
+    the calls in flight are done), and until it quiesces the replica admits every call a router
+    still sends. Its controller stops a replica by calling ``perform_graceful_shutdown`` of the
+    replica object in the replica's own process (one replica per process), so this wraps that
+    method for this process. It fails the replica, loudly, when a Ray upgrade renamed it, and
+    tests/unit/services/test_drain.py fails with it."""
+    from ray.serve._private import replica
+
+    cls = getattr(replica, "Replica", None)
+    stop = getattr(cls, "perform_graceful_shutdown", None)
+    if not inspect.iscoroutinefunction(stop):
+        raise RuntimeError("this Ray has no hook for a replica's graceful stop; see services/ingress.py")
+    original = getattr(stop, "__wrapped__", stop)  # a second Ingress in this process replaces the first
+
+    async def perform_graceful_shutdown(self: Any) -> None:
+        drain.begin("Serve is stopping this replica")
+        await original(self)
+
+    perform_graceful_shutdown.__wrapped__ = original  # type: ignore[attr-defined]
+    cls.perform_graceful_shutdown = perform_graceful_shutdown
 
 
 @serve.deployment
@@ -37,6 +86,8 @@ class Ingress(RationaleServicer, FeedbackServicer, AdminServicer):
         self, config: AppConfig, generator: Any, feedback_log: Any, loop_controller: Any = None
     ) -> None:
         self.config = config
+        self.drain = Drain()
+        drain_when_serve_stops_this_replica(self.drain)
         self.registry = AdapterRegistry.open(config.feedback_log.store)
         self.loop_controller = loop_controller
         self.limits = config.ingress.limits

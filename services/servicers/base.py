@@ -9,6 +9,10 @@ is ever read or written.
 Serve's gRPC proxy answers INTERNAL with a stack trace when a method raises, so no method lets an
 exception escape: core errors become their status code and one-line reason; a full queue becomes
 RESOURCE_EXHAUSTED; anything unexpected is logged here and answered INTERNAL with a fixed line.
+
+Once the replica drains (``Drain``, services/ingress.py says when), every new call is refused
+first, before its key is read: UNAVAILABLE, "server is shutting down" (safe to retry elsewhere,
+nothing was done). Calls admitted before keep running to their end.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ from typing import Any
 
 import grpc
 
-from illume.errors import IllumeError, NotFound
+from illume.errors import IllumeError, NotFound, Unavailable
 from illume.validation import RequestLimits, validate_namespace
 from services import metrics
 from services.auth import Authenticator, Caller
 
 log = logging.getLogger("ray.serve")
 INTERNAL_REASON = "internal error; see the server log"
+SHUTTING_DOWN_REASON = "server is shutting down"
 
 
 class StreamAborted(Exception):
@@ -86,6 +91,28 @@ class DeclaredNamespaces:
         return name in self._names
 
 
+class Drain:
+    """Whether this Ingress replica still admits calls: once ``begin`` is called it never does again
+    (a stopping replica is not restarted; Serve starts a new one). Safe to call from any thread."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None  # time.monotonic() when draining began
+
+    @property
+    def draining(self) -> bool:
+        return self.since is not None
+
+    def begin(self, why: str) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            log.info("Ingress replica draining (%s): new calls are refused with UNAVAILABLE", why)
+
+    def admit(self) -> None:
+        """Raise ``Unavailable`` ("server is shutting down") once draining has begun."""
+        if self.since is not None:
+            raise Unavailable(SHUTTING_DOWN_REASON)
+
+
 def request_namespace(request: Any) -> str | None:
     """The namespace field of a request (empty means ``default``); None for a request without one
     (GetServerStatus), whose method returns only what ``caller.may_use`` allows. Which RPCs have no
@@ -101,6 +128,12 @@ class ServicerBase:
     auth: Authenticator
     declared: DeclaredNamespaces
     limits: RequestLimits
+    drain: Drain | None = None  # the Ingress sets its own; None never drains
+
+    def admit(self) -> None:
+        """Refuse the call (``Unavailable``) once this replica drains."""
+        if self.drain is not None:
+            self.drain.admit()
 
     def caller(self, grpc_context: Any) -> Caller:
         return self.auth.authenticate(grpc_context.invocation_metadata() if grpc_context else [])
@@ -148,6 +181,7 @@ def rpc(
         async def unary(self: ServicerBase, request: Any, grpc_context: Any = None) -> Any:
             started, code, caller = time.perf_counter(), "OK", None
             try:
+                self.admit()
                 caller = await _guard(self, request, grpc_context, role, namespace)
                 return await method(self, request, grpc_context, caller)
             except Exception as exc:
@@ -175,6 +209,7 @@ def rpc_stream(role: str, namespace: Callable[[Any], str | None] | None = reques
         async def streaming(self: ServicerBase, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
             started, code, caller = time.perf_counter(), "OK", None
             try:
+                self.admit()
                 caller = await _guard(self, request, grpc_context, role, namespace)
                 async for item in method(self, request, grpc_context, caller):
                     yield item
