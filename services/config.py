@@ -149,17 +149,52 @@ class TuningSettings(_Settings):
     check_interval_s: float = Field(10.0, gt=0, description="How often the controller looks for work.")
     lease_ttl_s: float = Field(60.0, gt=0, description="The controller's lease; another takes over after it.")
     jobs_api_address: str = Field(
-        "http://127.0.0.1:8265", description="Ray Jobs API (the cluster's dashboard)."
+        "",
+        description="Ray Jobs API (the cluster's dashboard), for example KubeRay's stable head "
+        "Service http://<rayservice-name>-head-svc:8265. Empty: the dashboard address the head "
+        "registered in the cluster's GCS, looked up again after a connection failure.",
     )
     job_timeout_s: float = Field(3600.0, gt=0, description="A round's job is failed after this long.")
     schedule_timeout_s: float = Field(
         300.0, gt=0, description="A round whose training workers cannot be scheduled fails after this long."
     )
-    num_workers: int = Field(1, ge=1, description="Ray Train workers of a round.")
-    use_gpu: bool = Field(False, description="Train on GPUs.")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per training worker.")
+    max_resubmissions: int = Field(
+        2,
+        ge=0,
+        description="Times the controller resubmits a round whose job was lost (cluster restart) or "
+        "whose driver died; the resubmitted job resumes from the round's snapshot and last "
+        "checkpoint. Beyond it the round fails with the reason.",
+    )
+    num_workers: int = Field(1, ge=1, description="Ray Train workers of a round (data-parallel).")
+    use_gpu: bool = Field(False, description="Train on GPUs (one per worker; the gate's evaluation too).")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs per training worker (and of the gate's task)."
+    )
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each training worker requires (for example "
+        '{"illume-train": 1}), so workers land only on training nodes; the gate\'s evaluation '
+        "task asks for one worker's resources.",
+    )
+    entrypoint_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources the round's job driver requires (for example "
+        '{"illume-train": 0.01}), so it runs on a training node; empty: Ray\'s default (the head).',
+    )
+    entrypoint_num_cpus: float = Field(
+        0.0, ge=0, description="CPUs reserved for the round's job driver (snapshot, downloads, registry)."
+    )
+    max_failures: int = Field(
+        2,
+        ge=0,
+        description="Ray Train FailureConfig.max_failures: a round survives this many lost or failed "
+        "workers, each time resuming from its last epoch checkpoint.",
+    )
     storage_path: str = Field(
-        "", description="Ray Train storage (checkpoints, metrics); the data dir when empty."
+        "",
+        description="Ray Train storage (epoch checkpoints, the final adapter): an s3:// URI (reached "
+        "with artifact_options) or a local path, which needs shared_filesystem or a one-node cluster. "
+        "Empty: <artifact_uri>/ray-train.",
     )
     snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig, description="Snapshot building.")
     replay_data: str | None = Field(
@@ -195,6 +230,12 @@ class AppConfig(_Settings):
         default_factory=lambda: ["default"],
         description="Namespaces declared at start (added to those already declared in the store; "
         "never removed). Others are declared with the Admin DeclareNamespace RPC.",
+    )
+    shared_filesystem: bool = Field(
+        False,
+        description="Local paths (artifact_uri, tuning.storage_path, the store's image_dir) name the "
+        "same files on every node (one machine, or a shared volume). False: a tuning round refuses "
+        "them on a cluster of more than one node.",
     )
     serve_resources: dict[str, float] = Field(
         default_factory=dict,
@@ -239,6 +280,8 @@ def default_config(data_dir: Path, model_dir: Path, replay_data: Path | None = N
             store=StoreSettings(url=f"sqlite:///{data_dir / 'feedback.db'}", image_dir=data_dir / "images")
         ),
         artifact_uri=str(data_dir / "adapters"),
+        # One machine: the data directory is the same for every Ray process.
+        shared_filesystem=True,
         tuning=TuningSettings(
             storage_path=str(data_dir / "ray-train"),
             train=train,

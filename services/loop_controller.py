@@ -7,9 +7,18 @@ Contract:
 - a round starts when at least ``min_new_judgements`` accepted judgements arrived since the last
   one, or on demand (``start_round``, the Admin StartTuningRound RPC; ``force`` skips the count);
 - the round body runs as a Ray job (``services.tuner``) submitted through the Ray Jobs API to the
-  same cluster, never on a replica's event loop; the job writes the round's progress itself;
-- a round whose job ended without finishing the round (crash, stop, lost in a restart) or ran past
-  ``job_timeout_s`` is marked failed with the reason, so the next one can start.
+  same cluster, never on a replica's event loop, its driver placed by ``entrypoint_resources``
+  and ``entrypoint_num_cpus``; the job writes the round's progress itself. The Jobs API address
+  is ``jobs_api_address``, or (empty) the dashboard address the head registered in the cluster's
+  GCS, looked up again after a failed connection; with ``RAY_AUTH_MODE=token`` in the
+  environment Ray's client sends the cluster token itself;
+- after a restart of the controller the unfinished round is watched again: a round whose job
+  still runs is re-attached; a round whose job is gone (a cluster restart) or whose driver died
+  (the job FAILED without finishing the round) is resubmitted under the same round id, at most
+  ``max_resubmissions`` times (the job ids ``illume-round-<round_id>``, then ``...-retry-<n>``),
+  and the new job reuses the round's snapshot and resumes from the last checkpoint; beyond that,
+  or when its job was stopped, or past ``job_timeout_s``, the round is marked failed with the
+  reason, so the next one can start.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import logging
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,25 +49,104 @@ SUBMIT_GRACE_S = 120.0
 CONTROLLER_ACTOR = Actor("system:loop-controller")
 
 
-class LoopControllerCore:
-    """The controller's logic, independent of Serve (a deployment wraps it; tests drive it)."""
+RETRY_SUFFIX = "-retry-"
 
-    def __init__(self, config: AppConfig, holder: str | None = None, jobs: Any = None) -> None:
+
+def job_id_for(round_id: str, attempt: int) -> str:
+    """The submission id of a round's job: ``illume-round-<id>``, then ``...-retry-<n>``."""
+    base = f"illume-round-{round_id}"
+    return base if attempt == 0 else f"{base}{RETRY_SUFFIX}{attempt}"
+
+
+def resubmissions(job_id: str) -> int:
+    """How many times the round of ``job_id`` was resubmitted (the n of ``...-retry-<n>``)."""
+    head, sep, tail = job_id.rpartition(RETRY_SUFFIX)
+    return int(tail) if sep and head and tail.isdigit() else 0
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def cluster_dashboard_address() -> str:
+    """The dashboard (Jobs API) URL the head registered in the GCS of the cluster this process is
+    connected to (a Serve replica always is), as Ray's own tools look it up."""
+    import ray
+    from ray._private import ray_constants
+    from ray.experimental import internal_kv
+
+    if not ray.is_initialized():
+        raise RuntimeError("not connected to a Ray cluster: set tuning.jobs_api_address")
+    value = internal_kv._internal_kv_get(
+        ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD
+    )
+    if not value:
+        raise RuntimeError(
+            "the cluster's dashboard registered no address (is it running?): set tuning.jobs_api_address"
+        )
+    address = value.decode()
+    return address if "://" in address else f"http://{address}"
+
+
+def _job_submission_client(address: str) -> Any:
+    # Ray's client adds the cluster token (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN or its file) to
+    # every request by itself (ray._private.authentication.http_token_authentication).
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+class LoopControllerCore:
+    """The controller's logic, independent of Serve (a deployment wraps it; tests drive it).
+
+    ``jobs`` is a fixed Jobs API client (tests); otherwise ``connect(address)`` builds one (Ray's
+    ``JobSubmissionClient``) for ``jobs_api_address`` or, when that is empty, for ``resolve()``
+    (the dashboard address registered in the cluster's GCS)."""
+
+    def __init__(
+        self,
+        config: AppConfig,
+        holder: str | None = None,
+        jobs: Any = None,
+        *,
+        connect: Callable[[str], Any] | None = None,
+        resolve: Callable[[], str] | None = None,
+    ) -> None:
         self.config = config
         self.tuning = config.tuning
         self.store = FeedbackStore(config.feedback_log.store)
         self.registry = AdapterRegistry(self.store)
         self.holder = holder or f"controller-{uuid.uuid4().hex[:8]}"
-        self._jobs = jobs
+        self._fixed_jobs = jobs
+        self._jobs: Any = None
+        self._connect = connect or _job_submission_client
+        self._resolve = resolve or cluster_dashboard_address
         self._lock = threading.Lock()
+
+    def jobs_address(self) -> str:
+        """The Jobs API address to use now (configured, else looked up in the cluster)."""
+        return self.tuning.jobs_api_address or self._resolve()
 
     @property
     def jobs(self) -> Any:
+        if self._fixed_jobs is not None:
+            return self._fixed_jobs
         if self._jobs is None:
-            from ray.job_submission import JobSubmissionClient
-
-            self._jobs = JobSubmissionClient(self.tuning.jobs_api_address)
+            self._jobs = self._connect(self.jobs_address())
         return self._jobs
+
+    def _call_jobs(self, call: Callable[[Any], Any]) -> Any:
+        """``call(client)``; after a connection failure the client is rebuilt at a freshly
+        resolved address (the head may have moved) and the call tried once more."""
+        try:
+            return call(self.jobs)
+        except OSError as exc:
+            # requests' and the builtin ConnectionError are both OSErrors; nothing reached Ray.
+            if self._fixed_jobs is not None:
+                raise
+            log.warning("the Ray Jobs API did not answer (%s); connecting again", exc)
+            self._jobs = None
+            return call(self.jobs)
 
     def holds_lease(self) -> bool:
         return self.registry.acquire_lease(LEASE, self.holder, self.tuning.lease_ttl_s)
@@ -101,28 +190,67 @@ class LoopControllerCore:
             self.registry.update_round(
                 record.round_id, scores={"trigger": {"accepted": accepted, "new": new}}
             )
-            job_id = self._submit(namespace, record.round_id)
+            job_id = self._submit_new(namespace, record.round_id)
             return self.registry.update_round(record.round_id, job_id=job_id)
 
-    def _submit(self, namespace: str, round_id: str) -> str:
+    def _submit(self, namespace: str, round_id: str, attempt: int = 0) -> str:
+        """Submit the round's job (attempt 0, or the n-th resubmission); returns its job id."""
         entrypoint = (
             f"{sys.executable} -m services.tuner --namespace {namespace} --round-id {round_id} "
             f"--config-b64 {encode_config(self.config)}"
         )
-        try:
-            return self.jobs.submit_job(
+        return self._call_jobs(
+            lambda jobs: jobs.submit_job(
                 entrypoint=entrypoint,
-                submission_id=f"illume-round-{round_id}",
+                submission_id=job_id_for(round_id, attempt),
                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}},
+                entrypoint_num_cpus=self.tuning.entrypoint_num_cpus or None,
+                entrypoint_resources=dict(self.tuning.entrypoint_resources) or None,
             )
+        )
+
+    def _submit_new(self, namespace: str, round_id: str) -> str:
+        try:
+            return self._submit(namespace, round_id)
         except Exception as exc:
             self.registry.update_round(round_id, "failed", reason=f"could not submit the job: {exc}"[:300])
             raise FailedPrecondition(
                 f"could not submit the round's job: {str(exc).splitlines()[0][:200]}"
             ) from exc
 
+    def _job_status(self, job_id: str) -> str | None:
+        """The job's status name, or None when the cluster does not know the job (any more)."""
+        try:
+            return str(self._call_jobs(lambda jobs: jobs.get_job_status(job_id))).split(".")[-1]
+        except Exception as exc:
+            if "does not exist" in str(exc) or "not found" in str(exc).lower():
+                return None
+            raise
+
+    def _resubmit(self, record: RoundRecord, why: str) -> RoundRecord:
+        """Submit the round again (same round id, next job id) unless it was resubmitted
+        ``max_resubmissions`` times already; then fail it with ``why``."""
+        attempt = resubmissions(record.job_id) + 1
+        if attempt > self.tuning.max_resubmissions:
+            return self.registry.update_round(
+                record.round_id,
+                "failed",
+                reason=f"{why}; resubmitted {attempt - 1} times already (max_resubmissions)",
+            )
+        try:
+            job_id = self._submit(record.namespace, record.round_id, attempt)
+        except OSError:
+            raise  # the Jobs API is unreachable: try again on the next pass
+        except Exception as exc:
+            return self.registry.update_round(
+                record.round_id, "failed", reason=f"{why}; resubmitting failed: {_first_line(exc)}"
+            )
+        log.warning("round %s: %s; resubmitted as job %s", record.round_id, why, job_id)
+        return self.registry.update_round(record.round_id, job_id=job_id)
+
     def check_round(self, record: RoundRecord) -> RoundRecord:
-        """Fail a round whose job ended without finishing it, or that ran too long."""
+        """Watch an unfinished round: re-attach to its running job, resubmit it when its job is
+        gone or its driver died, fail it when its job was stopped or it ran too long."""
         age = (datetime.now(UTC) - record.started_at).total_seconds()
         if not record.job_id:
             if age > SUBMIT_GRACE_S:
@@ -130,23 +258,22 @@ class LoopControllerCore:
                     record.round_id, "failed", reason="lost before its job started"
                 )
             return record
-        try:
-            status = str(self.jobs.get_job_status(record.job_id)).split(".")[-1]
-        except Exception as exc:
-            if "does not exist" in str(exc) or "not found" in str(exc).lower():
-                return self.registry.update_round(
-                    record.round_id, "failed", reason="its job was lost (restart?)"
-                )
-            raise
+        status = self._job_status(record.job_id)
+        if status is None:
+            return self._resubmit(record, "its job was lost (cluster restart?)")
         if status in JOB_ENDED:
             fresh = self.registry.get_round(record.round_id)
-            if fresh.state not in TERMINAL_ROUND_STATES:
-                return self.registry.update_round(record.round_id, "failed", reason=f"its job ended {status}")
-            return fresh
+            if fresh.state in TERMINAL_ROUND_STATES:
+                return fresh
+            if status == "FAILED":
+                # The job body records every failure it sees; FAILED with the round unfinished
+                # means its driver process died (its node was lost, it was killed).
+                return self._resubmit(fresh, "its job's driver died")
+            return self.registry.update_round(record.round_id, "failed", reason=f"its job ended {status}")
         if age > self.tuning.job_timeout_s:
-            self.jobs.stop_job(record.job_id)
+            self._call_jobs(lambda jobs: jobs.stop_job(record.job_id))
             return self.registry.update_round(record.round_id, "failed", reason="job timeout")
-        return record
+        return record  # running (or pending): re-attached, watched on the next pass
 
     def tick(self) -> None:
         """One pass: keep the lease, watch running rounds, start due ones."""

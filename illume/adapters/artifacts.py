@@ -19,6 +19,9 @@ Contract:
     place; ``delete`` removes the marker first.
 - Settings come from an ``ArtifactSettings`` object built by the caller; nothing here reads the
   environment (s3fs/botocore fall back to their own credential chain only when no key is given).
+- ``arrow_filesystem(uri, storage_options)`` gives the pyarrow file system (and the path on it)
+  that reaches a location of the same object store with the same options, for writers that take
+  pyarrow file systems (Ray Train's storage); ``is_local_uri`` tells node-local locations apart.
 """
 
 from __future__ import annotations
@@ -348,6 +351,33 @@ class FsspecArtifactStore(ArtifactStore):
             self.fs.rm(path, recursive=True)
 
 
+def is_local_uri(uri: str) -> bool:
+    """Whether ``uri`` is a plain path or a ``file://`` URI (a node-local location)."""
+    return _protocol(str(uri)) in ("", "file")
+
+
+def arrow_filesystem(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    """A pyarrow file system reaching ``uri`` with the artifact store's fsspec options, and the
+    path on it (``s3://bucket/prefix`` -> ``bucket/prefix``): what Ray Train's
+    ``RunConfig(storage_filesystem=..., storage_path=...)`` takes. A local ``uri`` gives
+    ``(None, absolute path)``, leaving the file system to the caller."""
+    if is_local_uri(uri):
+        path = unquote(urlparse(uri).path) if _protocol(uri) == "file" else uri
+        return None, str(Path(path).resolve())
+    import fsspec
+    import pyarrow.fs
+
+    protocol = _protocol(uri)
+    options = dict(storage_options or {})
+    # The same listing freshness as the artifact store (another process writes there too).
+    options.setdefault("skip_instance_cache", True)
+    if protocol in ("s3", "s3a"):
+        options.setdefault("use_listings_cache", False)
+    fs = fsspec.filesystem(protocol, **options)
+    handler = pyarrow.fs.FSSpecHandler(fs)
+    return pyarrow.fs.PyFileSystem(handler), fs._strip_protocol(uri.rstrip("/"))
+
+
 def open_artifact_store(root: str, storage_options: dict[str, Any] | None = None) -> ArtifactStore:
     """A ``LocalArtifactStore`` for paths and ``file://`` roots, else an ``FsspecArtifactStore``."""
     if _protocol(str(root)) in ("", "file"):
@@ -361,7 +391,9 @@ __all__ = [
     "ArtifactStore",
     "FsspecArtifactStore",
     "LocalArtifactStore",
+    "arrow_filesystem",
     "file_sha256",
+    "is_local_uri",
     "list_files",
     "open_artifact_store",
 ]
