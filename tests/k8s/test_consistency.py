@@ -116,23 +116,40 @@ def test_serve_service_exposes_the_grpc_port_of_every_ray_pod(rendered, overlay)
             assert names.get("metrics") == 8080, where
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_gateway_forwards_to_the_serve_service_and_listens_on_its_ports(rendered, overlay):
-    docs = rendered[overlay]
-    serve_svc = _rayservice(docs)["spec"]["serveService"]
+SERVING_ROLE = {"illume.dev/role": "serving"}
+
+
+def _envoy(docs) -> dict[str, Any]:
     config = next(
         d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "illume-grpc-gateway"
     )
-    envoy = yaml.safe_load(config["data"]["envoy.yaml"])
-    (cluster,) = envoy["static_resources"]["clusters"]
-    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
-        "socket_address"
-    ]
-    assert address["address"] == serve_svc["metadata"]["name"]
-    assert address["port_value"] == next(
-        p["port"] for p in serve_svc["spec"]["ports"] if p["name"] == "serve-grpc"
-    )
+    return yaml.safe_load(config["data"]["envoy.yaml"])
+
+
+def _upstream_service(docs) -> dict[str, Any]:
+    """The Service the gateway's one upstream cluster resolves (by its DNS name)."""
+    (cluster,) = _envoy(docs)["static_resources"]["clusters"]
+    (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    address = endpoint["endpoint"]["address"]["socket_address"]
+    svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == address["address"])
+    port = next(p for p in svc["spec"]["ports"] if p["port"] == address["port_value"])
+    return {"service": svc, "port": port, "cluster": cluster}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_balances_per_serving_pod_and_listens_on_its_ports(rendered, overlay):
+    docs = rendered[overlay]
+    upstream = _upstream_service(docs)
+    svc, cluster = upstream["service"], upstream["cluster"]
+    # One host per pod: a headless Service resolved by STRICT_DNS (a ClusterIP would be one host,
+    # and HTTP/2's few long-lived connections would pin the load to a few pods).
+    assert svc["spec"].get("clusterIP") == "None", "the gateway's upstream is a headless Service"
+    assert cluster["type"] == "STRICT_DNS"
+    assert cluster["lb_policy"] in ("LEAST_REQUEST", "ROUND_ROBIN")
+    assert upstream["port"]["targetPort"] == "serve-grpc"
+    assert upstream["port"]["port"] == DEFAULT_GRPC_PORT
     assert "http2_protocol_options" in json.dumps(cluster), "Serve's gRPC proxy speaks HTTP/2 only"
+    envoy = _envoy(docs)
     listeners = {
         x["name"]: x["address"]["socket_address"]["port_value"]
         for x in envoy["static_resources"]["listeners"]
@@ -152,18 +169,82 @@ def test_gateway_forwards_to_the_serve_service_and_listens_on_its_ports(rendered
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_round_trigger_calls_the_internal_gateway_with_an_admin_key(rendered, overlay):
+def test_only_serving_pods_are_behind_the_gateway(rendered, overlay):
     docs = rendered[overlay]
-    internal = next(
-        d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "illume-grpc-internal"
-    )
-    target = f"{internal['metadata']['name']}:{internal['spec']['ports'][0]['port']}"
-    cron = next(d for d in docs if d["kind"] == "CronJob")
-    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
-    args = container["args"]
-    assert args[:2] == ["client", "start-round"]
-    assert args[args.index("--target") + 1] == target
-    assert "--api-key-file" in args and "--namespace" in args
+    selector = _upstream_service(docs)["service"]["spec"]["selector"]
+    assert SERVING_ROLE.items() <= selector.items()
+    chosen = [where for where, labels, _ in pods(docs) if _selects({"matchLabels": selector}, labels)]
+    serving_groups = [
+        g["groupName"]
+        for g in _worker_groups(docs)
+        if SERVING_ROLE.items() <= g["template"]["metadata"]["labels"].items()
+    ]
+    assert serving_groups and sorted(chosen) == sorted(
+        f"RayService/illume worker {name}" for name in serving_groups
+    ), "the head, training workers and other pods are not selected"
+    args = AppConfig.model_validate(_serve_config(docs)["applications"][0]["args"])
+    if overlay == "gpu":
+        training = [g for g in _worker_groups(docs) if g["groupName"] not in serving_groups]
+        assert training, "gpu has a training group, and it is not behind the gateway"
+        # Serving replicas are pinned to serving nodes by a resource only those offer.
+        for name, amount in args.serve_resources.items():
+            for g in _worker_groups(docs):
+                offered = json.loads(json.loads(g["rayStartParams"].get("resources", '"{}"')))
+                assert (name in offered) == (g["groupName"] in serving_groups), g["groupName"]
+                assert amount <= offered.get(name, amount)
+
+
+def test_gpu_rounds_are_pinned_to_training_nodes_by_resources(rendered):
+    docs = rendered["gpu"]
+    args = AppConfig.model_validate(_serve_config(docs)["applications"][0]["args"])
+    tuning = args.tuning
+    assert tuning.use_gpu and tuning.worker_resources and tuning.entrypoint_resources
+    assert not args.shared_filesystem and tuning.storage_path.startswith("s3://")
+    assert tuning.storage_path.split("/")[2] == args.artifact_uri.split("/")[2], "the artifact bucket"
+    offering = {}
+    for g in _worker_groups(docs):
+        offered = json.loads(json.loads(g["rayStartParams"].get("resources", '"{}"')))
+        for name in {**tuning.worker_resources, **tuning.entrypoint_resources}:
+            if name in offered:
+                offering.setdefault(name, []).append(g)
+    for name in {**tuning.worker_resources, **tuning.entrypoint_resources}:
+        (group,) = offering[name]  # one group offers it: the training group
+        assert group.get("minReplicas", 0) == 0 and int(group["rayStartParams"]["num-gpus"]) >= 1
+        assert SERVING_ROLE.items() - group["template"]["metadata"]["labels"].items()
+        assert group["maxReplicas"] * int(group["rayStartParams"]["num-gpus"]) >= tuning.num_workers
+    # A GPU group scaling up from zero (node, driver, image pull) takes minutes: the round waits,
+    # for its driver (the Jobs API's start timeout, on the head) and for its workers.
+    assert tuning.schedule_timeout_s >= 600
+    (head,) = _cluster(docs)["headGroupSpec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in head["env"]}
+    assert int(env.get("RAY_JOB_START_TIMEOUT_SECONDS", 900)) >= 600
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_jobs_api_address_resolves_from_the_cluster(rendered, overlay):
+    # Not 127.0.0.1 (the LoopController runs on a worker pod, the dashboard on the head), and not
+    # KubeRay's illume-head-svc, which points at the active cluster while a new one starts.
+    args = AppConfig.model_validate(_serve_config(rendered[overlay])["applications"][0]["args"])
+    assert args.tuning.jobs_api_address == ""
+
+
+def test_manual_round_job_calls_the_internal_gateway_with_an_admin_key(rendered, extra_manifests):
+    for overlay in OVERLAYS:
+        internal = next(
+            d
+            for d in rendered[overlay]
+            if d["kind"] == "Service" and d["metadata"]["name"] == "illume-grpc-internal"
+        )
+        target = f"{internal['metadata']['name']}:{internal['spec']['ports'][0]['port']}"
+        job = next(d for d in extra_manifests if d["kind"] == "Job")
+        (container,) = job["spec"]["template"]["spec"]["containers"]
+        args = container["args"]
+        assert args[:2] == ["client", "start-round"]
+        assert args[args.index("--target") + 1] == target
+        assert "--api-key-file" in args and "--namespace" in args
+    # No CronJob: the LoopController starts rounds; a nightly call would fail with
+    # FAILED_PRECONDITION whenever there is nothing to do.
+    assert not any(d["kind"] == "CronJob" for o in OVERLAYS for d in rendered[o])
 
 
 # -- NetworkPolicies ----------------------------------------------------------------------------------
@@ -174,9 +255,10 @@ def _policies(docs):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_network_policies_select_real_pods_and_ports(rendered, overlay):
+def test_network_policies_select_real_pods_and_ports(rendered, extra_manifests, overlay):
     docs = rendered[overlay]
-    all_pods = pods(docs)
+    # The one-off round Job (k8s/jobs/) runs in the same namespace.
+    all_pods = pods(docs + extra_manifests)
     for policy in _policies(docs):
         name, spec = policy["metadata"]["name"], policy["spec"]
         targets = [(w, spec_) for w, labels, spec_ in all_pods if _selects(spec["podSelector"], labels)]
@@ -387,3 +469,21 @@ def test_grafana_dashboard_covers_the_product_metrics(rendered):
     sources = "".join(p.read_text() for p in (REPO_ROOT / "services").rglob("*.py"))
     missing = {m for m in used if f'"{m}"' not in sources} - PENDING_METRICS
     assert not missing, f"dashboard uses metrics no service defines: {missing}"
+
+
+def test_the_database_ca_that_deploy_md_names_is_mounted_on_every_gpu_ray_container(rendered):
+    # docs/DEPLOY.md has the operator create Secret illume-postgres with PGSSLMODE=verify-full and
+    # PGSSLROOTCERT: that file must exist in every Ray container, or no connection verifies.
+    text = (REPO_ROOT / "docs" / "DEPLOY.md").read_text()
+    assert "PGSSLMODE=verify-full" in text
+    (root_cert,) = set(re.findall(r"PGSSLROOTCERT=(\S+)", text))
+    docs = rendered["gpu"]
+    for _, labels, spec in pods(docs):
+        if labels.get("ray.io/is-ray-node") != "yes":
+            continue
+        (container,) = spec["containers"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        directory = root_cert.rsplit("/", 1)[0]
+        assert directory in mounts, f"{directory} not mounted"
+        volume = next(v for v in spec["volumes"] if v["name"] == mounts[directory])
+        assert volume["secret"]["secretName"] == "illume-postgres-ca"

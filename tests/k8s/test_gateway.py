@@ -204,3 +204,82 @@ def test_a_listener_made_public_is_checked(built):
     assert {x["name"] for x in public} == {"grpc_tls", "grpc_internal"}
     inner = next(x for x in public if x["name"] == "grpc_internal")
     assert unlisted_routes(inner, PUBLIC_SERVICES), "AdminService on a public listener is reported"
+
+
+# -- availability: retries, disruptions, per-pod stats ------------------------------------------------
+
+# Retry conditions under which Envoy knows the call never reached a Serve replica.
+NOT_DELIVERED = {"connect-failure", "refused-stream", "reset-before-request"}
+
+
+@pytest.mark.parametrize("overlay", render.OVERLAYS)
+def test_retries_only_calls_that_reached_no_replica(built, overlay):
+    for listener in envoy_config(built[overlay])["static_resources"]["listeners"]:
+        for hcm in connection_managers(listener):
+            for vhost in hcm["route_config"]["virtual_hosts"]:
+                policies = [vhost.get("retry_policy")] + [
+                    r["route"].get("retry_policy") for r in vhost["routes"]
+                ]
+                assert vhost.get("retry_policy"), f"{listener['name']}: no retry policy"
+                for policy in filter(None, policies):
+                    conditions = set(policy["retry_on"].split(","))
+                    # Not unavailable / 5xx / reset / gateway-error: those replay delivered calls.
+                    assert conditions <= NOT_DELIVERED, conditions
+                    assert "retriable_status_codes" not in policy
+                    assert 1 <= policy["num_retries"] <= 3
+                    hosts = [p["name"] for p in policy.get("retry_host_predicate", [])]
+                    assert "envoy.retry_host_predicates.previous_hosts" in hosts, "retry on another pod"
+
+
+@pytest.mark.parametrize("overlay", render.OVERLAYS)
+def test_a_disruption_budget_and_anti_affinity_keep_a_gateway_up(built, overlay):
+    docs = built[overlay]
+    deployment = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == GATEWAY)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    (pdb,) = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    replicas = deployment["spec"]["replicas"]
+    if "maxUnavailable" in pdb["spec"]:
+        assert pdb["spec"]["maxUnavailable"] == 1
+    else:
+        assert 1 <= pdb["spec"]["minAvailable"] < max(replicas, 2)
+    (term,) = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
+
+
+@pytest.mark.parametrize("overlay", render.OVERLAYS)
+def test_envoy_admin_with_per_pod_stats_is_loopback_only(built, overlay):
+    admin = envoy_config(built[overlay])["admin"]["address"]["socket_address"]
+    assert admin["address"] == "127.0.0.1", "reachable through kubectl port-forward only"
+    assert admin["port_value"] not in externally_reached_ports(built[overlay])
+
+
+@pytest.mark.parametrize("overlay", render.OVERLAYS)
+def test_envoy_config_parses_as_envoys_bootstrap(built, overlay):
+    """Every field (inside typed_config too) is one Envoy's API has: a misspelt field is an error.
+
+    Needs Envoy's generated protos (the ``xds-protos`` package); skipped without them.
+    """
+    bootstrap_pb2 = pytest.importorskip("envoy.config.bootstrap.v3.bootstrap_pb2")
+    import importlib
+    import pkgutil
+
+    import envoy
+    from google.protobuf import json_format
+
+    # typed_config is an Any: its message type must be imported to be resolved.
+    for module in pkgutil.walk_packages(envoy.__path__, "envoy."):
+        if module.name.endswith("_pb2"):
+            try:
+                importlib.import_module(module.name)
+            except ImportError:
+                continue
+    config = envoy_config(built[overlay])
+    json_format.ParseDict(config, bootstrap_pb2.Bootstrap())
+    broken = copy.deepcopy(config)
+    broken["static_resources"]["clusters"][0]["lb_polcy"] = "ROUND_ROBIN"
+    with pytest.raises(json_format.ParseError):
+        json_format.ParseDict(broken, bootstrap_pb2.Bootstrap())

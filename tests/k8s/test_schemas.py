@@ -29,7 +29,7 @@ def test_every_rendered_manifest_validates_strictly(rendered, overlay, kuberay_d
     for doc in rendered[overlay]:
         validate_manifest(doc, kuberay_dir)
         kinds.add(doc["kind"])
-    assert {"RayService", "Deployment", "Service", "NetworkPolicy", "CronJob"} <= kinds
+    assert {"RayService", "Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget"} <= kinds
 
 
 def test_manual_job_validates_strictly(extra_manifests, kuberay_dir):
@@ -45,7 +45,7 @@ def _find(docs, kind):
 # (kind, where to put the unknown field) -- each lands in a different schema source.
 INJECTIONS = [
     ("Deployment", lambda d: d["spec"]["template"]["spec"]["containers"][0]),
-    ("CronJob", lambda d: d["spec"]["jobTemplate"]["spec"]),
+    ("PodDisruptionBudget", lambda d: d["spec"]),
     ("NetworkPolicy", lambda d: d["spec"]),
     ("Service", lambda d: d["spec"]["ports"][0]),
     ("RayService", lambda d: d["spec"]),
