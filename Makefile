@@ -7,6 +7,7 @@
 #   make k8s       render the Kubernetes manifests (k8s/rendered/)
 #   make default-model  rebuild the embedded default model (docs/DEFAULT_MODEL.md)
 #   make bench     benchmarks (figures printed side by side)
+#   make bench-gpu the generation engine benchmark on a GPU machine (7B-shaped, bf16)
 
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -23,7 +24,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/illume/v1/*.proto)
 PROTO_OUT := illume/v1/illume_pb2.py
 
-.PHONY: install proto lint test test-unit test-integration test-e2e serve bench clean k8s k8s-check default-model
+.PHONY: install proto lint test test-unit test-integration test-e2e serve bench bench-gpu clean k8s k8s-check default-model
 
 install: $(STAMP) $(PROTO_OUT)
 
@@ -87,6 +88,33 @@ bench: install
 	$(PY) -m illume.store.bench --url sqlite:///.bench/store/feedback.db --writers 16 --writes 50
 	$(PY) -m illume.store.bench --url postgresql+psycopg://postgres@127.0.0.1:5432/test --writers 16 --writes 50
 	$(PY) -m tests.bench.tuning --replicas 2 --judgements 1000
+	$(PY) -m tests.bench.engine $(BENCH_ENGINE_ARGS)
+
+# The generation engine on a GPU (tests/bench/engine_gpu.py; in-process, no Ray, under 10 minutes).
+# It needs no `make install`: GPU_PYTHON is this checkout's .venv where there is one, else the
+# machine's python3 with its own CUDA torch (never reinstalled). transformers >= 5.20 and pydantic
+# come from that Python when it has them, else from the wheels in GPU_WHEELS (for a machine with no
+# network: docs/BENCHMARKS.md says how to fetch them), else from the package index, into GPU_SITE.
+# BENCH_GPU_ARGS=--dry-run runs it on the CPU with a tiny model (a check of the script, no figures).
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_SITE ?= .bench/gpu-site
+GPU_WHEELS ?= .bench/gpu-wheels
+BENCH_GPU_ARGS ?=
+bench-gpu:
+	$(if $(findstring --dry-run,$(BENCH_GPU_ARGS)),@echo "bench-gpu: dry run on the CPU",\
+	  $(GPU_PYTHON) -c "from tests.bench.engine_gpu import require_cuda; require_cuda()")
+	@if $(GPU_PYTHON) -c "import sys, pydantic, transformers; from packaging.version import Version as V; \
+	    sys.exit(V(transformers.__version__) < V('5.20'))" 2>/dev/null; then \
+	  echo "bench-gpu: $(GPU_PYTHON) has transformers >= 5.20 and pydantic"; \
+	elif [ -d $(GPU_WHEELS) ]; then \
+	  $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) \
+	    $(GPU_WHEELS)/*.whl; \
+	else \
+	  $(GPU_PYTHON) -m pip install -q --upgrade --target $(GPU_SITE) -c constraints.txt \
+	    "transformers>=5.20,<6" "pydantic>=2.6"; \
+	fi
+	PYTHONPATH=$(GPU_SITE):. PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 \
+	  $(GPU_PYTHON) -m tests.bench.engine_gpu $(BENCH_GPU_ARGS)
 
 clean:
 	rm -rf illume/v1 .pytest_cache .ruff_cache build dist *.egg-info
