@@ -338,8 +338,9 @@ def decide(candidate: Mapping[str, Any], production: Mapping[str, Any], config: 
         if math.isnan(items) or items != prod_items:
             failures.append(f"{set_name}: scored on different item counts ({items:g} vs {prod_items:g})")
             continue
-        if items < rules.min_items:
-            message = f"{set_name}: {items:g} items < min_items {rules.min_items}"
+        # No item is never evidence, even with min_items 0: its metrics do not exist.
+        if items < max(rules.min_items, 1):
+            message = f"{set_name}: {items:g} items < min_items {max(rules.min_items, 1)}"
             if rules.allow_empty:
                 notes.append(message + " (skipped: allow_empty)")
             else:

@@ -55,6 +55,10 @@ def test_too_few_items_refuse_unless_allowed():
     allowed = decide(empty, empty, GateConfig(allow_empty=True))
     assert allowed.promote and allowed.reason.startswith("promoted without evidence")
     assert decide(few, few, GateConfig(allow_empty=True)).promote  # more evidence is never stricter
+    # min_items 0 does not make an empty set evidence: it is skipped (allow_empty) or refused.
+    assert decide(empty, empty, GateConfig(min_items=0, allow_empty=True)).promote
+    refused_empty = decide(empty, empty, GateConfig(min_items=0))
+    assert not refused_empty.promote and "0 items < min_items 1" in refused_empty.reason
 
 
 def test_missing_or_broken_scores_refuse():
