@@ -246,7 +246,6 @@ def in_new_node(node: NodeSpec, workdir: Path, argv: list[str]) -> list[str]:
     The PID namespace matters as much as the network one: a driver finds "its" raylet by listing
     processes (``ray._private.services.find_node_ids``) and, seeing several, picks the head, so a
     driver on one node would register itself with another node's address."""
-    script = 'mount -t tmpfs -o size="$0" tmpfs /tmp && cd "$1" && shift && exec "$@"'
     return [
         "ip",
         "netns",
@@ -262,11 +261,34 @@ def in_new_node(node: NodeSpec, workdir: Path, argv: list[str]) -> list[str]:
         "--mount-proc",
         "sh",
         "-c",
-        script,
+        private_tmp_script(paths_kept_through_tmp()),
         NODE_TMPFS_SIZE,
         str(workdir),
         *argv,
     ]
+
+
+def paths_kept_through_tmp() -> list[Path]:
+    """The code every node runs (the checkout and the Python environment) where it lives under
+    /tmp, as in a CI clone there: a node's fresh /tmp would otherwise hide it."""
+    tmp = Path("/tmp").resolve()
+    wanted = {Path(p).resolve() for p in (Path(__file__).parents[3], sys.prefix)}
+    under_tmp = sorted(p for p in wanted if p.is_relative_to(tmp) and p != tmp)
+    return [p for p in under_tmp if not any(p != q and p.is_relative_to(q) for q in under_tmp)]
+
+
+def private_tmp_script(kept: list[Path]) -> str:
+    """A shell script (``$0`` tmpfs size, ``$1`` work directory, then the command) that mounts a
+    fresh tmpfs on /tmp and binds the ``kept`` paths back into it from the old /tmp (held at
+    /mnt, which only this mount namespace sees)."""
+    steps = []
+    if kept:
+        steps.append("mount --rbind /tmp /mnt")
+    steps.append('mount -t tmpfs -o size="$0" tmpfs /tmp')
+    for path in kept:
+        inside = path.relative_to(Path("/tmp").resolve())
+        steps.append(f"mkdir -p '{path}' && mount --rbind '/mnt/{inside}' '{path}'")
+    return " && ".join([*steps, 'cd "$1"', "shift", 'exec "$@"'])
 
 
 def in_running_node(pid: int, workdir: Path, argv: list[str]) -> list[str]:
