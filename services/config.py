@@ -64,6 +64,20 @@ class GeneratorSettings(_Settings):
     adapter_poll_interval_s: float = Field(
         0.5, gt=0, description="Registry polling period, the fallback when no change notification arrives."
     )
+    token_budget: int = Field(
+        0,
+        ge=0,
+        description="Most tokens one batch may hold: the sum over its requests of prompt tokens + "
+        "n x max_new_tokens (+ the answer's tokens when the model answers). 0 derives it: on CUDA from "
+        "the free memory after loading x token_budget_memory_fraction / KV bytes per token; elsewhere "
+        "65536 (docs/SERVING.md, 'Streaming and batching').",
+    )
+    token_budget_memory_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Share of the free accelerator memory a derived token budget fills with KV cache.",
+    )
 
     @property
     def max_ongoing_requests(self) -> int:
@@ -233,9 +247,9 @@ class AppConfig(_Settings):
     )
     shared_filesystem: bool = Field(
         False,
-        description="Local paths (artifact_uri, tuning.storage_path, the store's image_dir) name the "
-        "same files on every node (one machine, or a shared volume). False: a tuning round refuses "
-        "them on a cluster of more than one node.",
+        description="Local paths (artifact_uri, tuning.storage_path, the store's image_dir, an SQLite "
+        "database file) name the same files on every node (one machine, or a shared volume). False: "
+        "a tuning round refuses them on a cluster of more than one node.",
     )
     serve_resources: dict[str, float] = Field(
         default_factory=dict,

@@ -23,6 +23,7 @@ from illume.store.types import (
     NewGeneration,
     RoundRecord,
     adapter_name,
+    candidate_id_for,
     rfc3339,
 )
 from illume.v1 import illume_pb2 as pb
@@ -226,11 +227,16 @@ def audit_to_pb(record: Any) -> pb.AuditEvent:
 
 
 def new_generation(
-    request: pb.GenerateRequest, core: GenerateRequest, namespace: str, outcome: Any
+    request: pb.GenerateRequest,
+    core: GenerateRequest,
+    namespace: str,
+    outcome: Any,
+    generation_id: str | None = None,
 ) -> NewGeneration:
     """What the FeedbackLog stores of a served ``Generate``: the request as asked (raw image bytes,
     the adapter reference and client id), the validated question and sampling, and the outcome of a
-    ``GeneratorDeployment`` (the result, the adapter version that ran, the model)."""
+    ``GeneratorDeployment`` (the result, the adapter version that ran, the model). ``generation_id``
+    is pre-issued by ``GenerateStream``, whose header names it before the generation is stored."""
     result = outcome.result
     return NewGeneration(
         namespace=namespace,
@@ -245,7 +251,35 @@ def new_generation(
         adapter_version=outcome.adapter_version,
         model_id=outcome.model_id,
         client_request_id=request.client_request_id,
+        generation_id=generation_id,
     )
+
+
+def stream_header_to_pb(
+    request: pb.GenerateRequest, header: Any, generation_id: str, held_out: bool
+) -> pb.GenerateResponse:
+    """``GenerateStream``'s first message: the reply without candidates and timings, naming the
+    pre-issued ``generation_id`` ("" when ephemeral) and the split the store will put it in."""
+    result = header.result
+    return pb.GenerateResponse(
+        generation_id=generation_id,
+        held_out=held_out,
+        answer=result.answer,
+        answer_generated=result.answer_generated,
+        seed=result.seed,
+        adapter_requested=request.adapter,
+        adapter_version=header.adapter_version,
+        model_id=header.model_id,
+        client_request_id=request.client_request_id,
+    )
+
+
+def streamed_candidate_to_pb(candidate: CandidateOut, generation_id: str) -> pb.Candidate:
+    """One streamed candidate, with the id the store will give it (``<generation_id>-c<index>``)."""
+    message = candidate_to_pb(candidate)
+    if generation_id:
+        message.candidate_id = candidate_id_for(generation_id, candidate.index)
+    return message
 
 
 def generate_response_to_pb(

@@ -21,6 +21,26 @@ Contract:
   queue depth, last adapter reload and loaded (namespace, version) pairs, written at start, every
   ``HEARTBEAT_INTERVAL_S``, at once after an adapter change, and removed when the replica
   stops; ``GetServerStatus`` reads the rows (docs/ARCHITECTURE.md, "Server status").
+
+Token budget (docs/SERVING.md, "Streaming and batching"). Before a request joins the queue its
+cost is counted (``Generator.request_cost``: prompt tokens by the processor + n x max_new_tokens
++ the answer's tokens when the model answers); one that alone exceeds the replica's budget
+(``token_budget``, or derived from the device's free memory) is INVALID_ARGUMENT with the numbers.
+Admission is Serve's own: ``@serve.batch`` gets ``TokenAdmission.size`` as its ``batch_size_fn``,
+which measures a batch in request slots, ``max(requests, ceil(tokens x max_batch_size / budget))``,
+so a batch stays within ``max_batch_size`` slots exactly when it holds at most ``max_batch_size``
+requests and at most ``budget`` tokens. A request that does not fit is put back in Serve's queue
+(at its end: Ray 2.60 re-queues it behind later arrivals) and joins a later batch; it is never
+dropped, and its deadline still applies when that batch forms. A batch holds its whole budget until
+its longest row ends (no request joins a running batch); with ``ForkEngine`` finished rows leave
+the decode at once and cost no more compute, with ``RepeatedRowsEngine`` they run to the end.
+
+Streaming (``generate_stream``): the same batches; a streamed request yields a header outcome (the
+answer known, no candidates) after the answer step, then each unique candidate (``CandidateOut``,
+finish order, final index) as its row ends, then the final outcome (the candidates as sent) or an
+error outcome. If its caller goes away, the request leaves the queue (not batched yet), is not
+prefilled (answer step running) or has its rows dropped from the decode (``ForkEngine``);
+``status()`` counts the cancelled streams and the dropped rows.
 """
 
 from __future__ import annotations
@@ -31,13 +51,25 @@ import logging
 import math
 import threading
 import time
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from ray import serve
 
 from illume.adapters.routing import AdapterRouter, Resolution
-from illume.generation.generator import GenerateRequest, GenerateResult, Generator
+from illume.generation.generator import (
+    AnswerReady,
+    CandidateOut,
+    GenerateRequest,
+    GenerateResult,
+    Generator,
+    RequestCost,
+    RequestDone,
+    derive_token_budget,
+    over_budget,
+)
 from illume.models import load_model
 from illume.store.replicas import ReplicaHeartbeat, ReplicaTable
 from illume.store.settings import StoreSettings
@@ -59,6 +91,9 @@ class GenerateWork:
     namespace: str = "default"
     deadline: float | None = None  # epoch seconds; None: no deadline
     arrived: float = field(default_factory=time.time)
+    # Set by the replica, never sent: the request's token cost, and its stream's channel.
+    cost: RequestCost | None = None
+    sink: _Channel | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -73,6 +108,44 @@ class GenerateOutcome:
     generate_ms: float = 0.0
     batch_size: int = 0
     model_id: str = ""
+
+
+class _Channel:
+    """One streamed request's events, from the torch thread to the coroutine that yields them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.cancelled = threading.Event()  # set when the caller went away: drop the rows
+
+    def put(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class TokenAdmission:
+    """``@serve.batch``'s ``batch_size_fn``: a batch's size in request slots (module docstring).
+
+    ``size(works) <= max_batch_size`` holds exactly when the batch has at most ``max_batch_size``
+    requests and at most ``budget`` tokens, because ``ceil(t x M / B) <= M`` iff ``t <= B``.
+    """
+
+    def __init__(self, budget: int, max_batch_size: int) -> None:
+        self.budget = max(1, budget)
+        self.max_batch_size = max_batch_size
+
+    def tokens(self, works: Sequence[GenerateWork]) -> int:
+        return sum(w.cost.total for w in works if w.cost is not None)
+
+    def size(self, works: Sequence[GenerateWork]) -> int:
+        slots = -(-self.tokens(works) * self.max_batch_size // self.budget)  # ceil, in integers
+        return max(len(works), slots)
+
+    def fits(self, works: Sequence[GenerateWork]) -> bool:
+        return self.size(works) <= self.max_batch_size
+
+    def refuse(self, cost: RequestCost) -> str:
+        """The INVALID_ARGUMENT reason for a request that can never fit ("" when it can)."""
+        return over_budget(cost, self.budget)
 
 
 @serve.deployment
@@ -91,13 +164,21 @@ class GeneratorDeployment:
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="illume-torch")
         self.core = self._torch.submit(self._load_model, settings).result()
         self.adapters = AdapterRouter(self.core, settings, store, artifact_uri, artifact_options, namespaces)
+        # Read after the model is loaded, so the derived budget is what is left beside it.
+        budget = settings.token_budget or derive_token_budget(
+            self.core.loaded, settings.token_budget_memory_fraction
+        )
+        self.admission = TokenAdmission(budget, settings.max_batch_size)
         # Decorated per replica so every batching setting applies, max_concurrent_batches included:
         # with two, the next batch forms while one runs and starts the moment the lock frees.
         self._batch = serve.batch(
             max_batch_size=settings.max_batch_size,
             batch_wait_timeout_s=settings.batch_wait_timeout_s,
             max_concurrent_batches=settings.max_concurrent_batches,
+            batch_size_fn=self.admission.size,
         )(self._run_batch)
+        self._streams_cancelled = 0
+        self._rows_dropped = 0
         self._queued = 0  # requests on this replica not answered yet
         self._in_batch = 0  # of those, the ones in a running batch
         self._started_at = time.time()
@@ -113,7 +194,12 @@ class GeneratorDeployment:
             except Exception:
                 log.warning("pruning old replica heartbeats failed", exc_info=True)
             threading.Thread(target=self._heartbeats, name="illume-heartbeat", daemon=True).start()
-        log.info("generator ready: model %s on %s", self.core.loaded.model_id, self.core.loaded.device)
+        log.info(
+            "generator ready: model %s on %s, token budget %d",
+            self.core.loaded.model_id,
+            self.core.loaded.device,
+            self.admission.budget,
+        )
 
     @staticmethod
     def _load_model(settings: GeneratorSettings) -> Generator:
@@ -129,11 +215,42 @@ class GeneratorDeployment:
         self._queued += 1
         try:
             await asyncio.to_thread(self.adapters.prepare_ref, work.adapter_ref, work.namespace)
+            work.cost = await asyncio.to_thread(self.core.request_cost, work.request)
+            reason = self.admission.refuse(work.cost)
+            if reason:  # it would never fit a batch: Serve's queue would fail it with a bare error
+                return GenerateOutcome(
+                    error_code="INVALID_ARGUMENT", error_reason=reason, model_id=self.core.loaded.model_id
+                )
             return await self._batch(work)
         finally:
             self._queued -= 1
 
+    async def generate_stream(self, work: GenerateWork) -> AsyncIterator[GenerateOutcome | CandidateOut]:
+        """``generate`` as a stream (module docstring, "Streaming"): a header outcome (or an error
+        outcome, which ends the stream), candidates as their rows end, then the final outcome."""
+        channel = _Channel(asyncio.get_running_loop())
+        work.sink = channel
+        task = asyncio.ensure_future(self.generate(work))
+        finished = False
+        try:
+            async for item in _drain(channel.queue, task):
+                yield item
+            finished = True
+            yield task.result()
+        finally:
+            if not finished:
+                self._cancel(channel, task)
+
+    def _cancel(self, channel: _Channel, task: asyncio.Future) -> None:
+        """The caller went away: its rows stop; a request not batched yet leaves Serve's queue."""
+        channel.cancelled.set()
+        if not task.done():
+            task.cancel()
+        self._streams_cancelled += 1
+
     async def _run_batch(self, works: list[GenerateWork]) -> list[GenerateOutcome]:
+        # Serve's batch_size_fn admitted this batch; a failure here would mean Serve changed.
+        assert self.admission.fits(works), "a batch exceeds the token budget"
         self._in_batch += len(works)
         try:
             return await self._run_formed_batch(works)
@@ -161,7 +278,7 @@ class GeneratorDeployment:
                 continue
             runnable.append((i, work.request, resolution))
         if runnable:
-            await self._run(runnable, outcomes, started)
+            await self._run(runnable, outcomes, started, [works[i].sink for i, _, _ in runnable])
         return outcomes
 
     async def _run(
@@ -169,11 +286,15 @@ class GeneratorDeployment:
         runnable: list[tuple[int, GenerateRequest, Resolution]],
         outcomes: list[GenerateOutcome],
         started: float,
+        sinks: list[_Channel | None],
     ) -> None:
         requests = [self.adapters.bind(request, resolution) for _, request, resolution in runnable]
+        for i, _, resolution in runnable:  # what a streamed header needs before the candidates
+            outcomes[i].adapter_version, outcomes[i].batch_size = resolution.version_label, len(runnable)
+        headers = [outcomes[i] for i, _, _ in runnable]
         try:
             loop = asyncio.get_running_loop()
-            results = await loop.run_in_executor(self._torch, self.adapters.generate, requests)
+            results = await loop.run_in_executor(self._torch, self._generate, requests, sinks, headers)
         except Exception:
             log.exception("generate failed for a batch of %d", len(requests))
             for i, _, _ in runnable:
@@ -183,11 +304,43 @@ class GeneratorDeployment:
         tokens = 0
         for (i, _, resolution), result in zip(runnable, results, strict=True):
             outcome = outcomes[i]
-            outcome.result, outcome.adapter_version = result, resolution.version_label
-            outcome.generate_ms, outcome.batch_size = elapsed_ms, len(runnable)
+            outcome.generate_ms = elapsed_ms
+            if result is None:  # a stream whose caller went away: nobody reads this outcome
+                outcome.error_code, outcome.error_reason = "CANCELLED", "the caller went away"
+                continue
+            outcome.result = result
             tokens += sum(c.token_count for c in result.candidates)
             metrics.record_candidates(resolution.namespace, resolution.version_label, len(result.candidates))
         metrics.record_batch(len(runnable), [outcomes[i].queue_ms for i, _, _ in runnable], tokens)
+
+    def _generate(
+        self,
+        requests: list[GenerateRequest],
+        sinks: list[_Channel | None],
+        headers: list[GenerateOutcome],
+    ) -> list[GenerateResult | None]:
+        """One batch on the torch thread; streamed requests get their events as they happen."""
+        results: list[GenerateResult | None] = [None] * len(requests)
+        streamed = [sink is not None for sink in sinks]
+        cancelled = [sink.cancelled.is_set if sink is not None else None for sink in sinks]
+        with self._using(requests):
+            for event in self.core.stream(requests, streamed, cancelled):
+                sink = sinks[event.request]
+                if isinstance(event, RequestDone):
+                    results[event.request] = event.result
+                    self._rows_dropped += event.rows_dropped
+                elif sink is None or sink.cancelled.is_set():
+                    continue
+                elif isinstance(event, AnswerReady):
+                    sink.put(_header(headers[event.request], requests[event.request], event))
+                else:
+                    sink.put(event.candidate)
+        return results
+
+    def _using(self, requests: list[GenerateRequest]) -> contextlib.AbstractContextManager[Any]:
+        """Keep the batch's adapters from being evicted until it is done (as AdapterRouter.generate)."""
+        cache = self.adapters.cache
+        return cache.using(r.adapter for r in requests) if cache is not None else contextlib.nullcontext()
 
     def check_health(self) -> None:
         reason = self._unhealthy()
@@ -289,4 +442,39 @@ class GeneratorDeployment:
             "aliases": self.adapters.alias_lines(),
             "queue_depth": beat.queue_depth,
             "model_id": beat.model_id,
+            "token_budget": self.admission.budget,
+            "streams_cancelled": self._streams_cancelled,
+            "rows_dropped": self._rows_dropped,
         }
+
+
+def _header(template: GenerateOutcome, request: GenerateRequest, answer: AnswerReady) -> GenerateOutcome:
+    """A streamed request's first item: its outcome so far, with the answer and no candidates."""
+    result = GenerateResult(
+        answer=answer.answer,
+        answer_generated=answer.answer_generated,
+        seed=request.sampling.seed,
+        adapter=request.adapter,
+        candidates=[],
+    )
+    return GenerateOutcome(
+        result=result,
+        adapter_version=template.adapter_version,
+        queue_ms=template.queue_ms,
+        batch_size=template.batch_size,
+        model_id=template.model_id,
+    )
+
+
+async def _drain(queue: asyncio.Queue[Any], task: asyncio.Future) -> AsyncIterator[Any]:
+    """The queue's items until ``task`` is done and the queue empty. The torch thread puts every
+    event before the batch's result reaches ``task``, so nothing is left behind."""
+    while not (task.done() and queue.empty()):
+        getter = asyncio.ensure_future(queue.get())
+        try:
+            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getter.done():
+                getter.cancel()
+        if getter.done() and not getter.cancelled():
+            yield getter.result()

@@ -33,6 +33,12 @@ def _metrics() -> dict[str, Any]:
             boundaries=LATENCY_BOUNDARIES_MS,
             tag_keys=("rpc",),
         ),
+        "first_candidate": Histogram(
+            "illume_time_to_first_candidate_ms",
+            description="GenerateStream: time from the call's arrival to its first candidate message.",
+            boundaries=LATENCY_BOUNDARIES_MS,
+            tag_keys=("rpc",),
+        ),
         "batch_size": Histogram(
             "illume_batch_size", description="Requests per generate batch.", boundaries=BATCH_BOUNDARIES
         ),
@@ -77,6 +83,11 @@ def record_request(rpc: str, code: str, latency_ms: float) -> None:
     m = _metrics()
     m["requests"].inc(1, tags={"rpc": rpc, "code": code})
     m["latency"].observe(latency_ms, tags={"rpc": rpc})
+
+
+def record_first_candidate(rpc: str, latency_ms: float) -> None:
+    """A stream's time to its first candidate (beside ``request_latency_ms``, which ends at its last)."""
+    _metrics()["first_candidate"].observe(latency_ms, tags={"rpc": rpc})
 
 
 def record_batch(batch_size: int, queue_waits_ms: list[float], tokens: int) -> None:

@@ -12,6 +12,9 @@ duplicates); an ``Engine`` owns the model, its caches and its batching. Two call
   end of the state's prompt, each row with its own sampling parameters and random generator, and
   yield every row once as a ``Finished`` as soon as it ends (EOS or its ``max_new_tokens``). The
   order in which rows finish is the engine's; ``(job, row)`` says which row it is.
+- Cancellation: a job's ``cancelled``, when given, is polled between decoding steps; once it
+  returns True the job's unfinished rows may be dropped (no ``Finished`` for them). An engine
+  that cannot drop rows mid-decode may ignore it (the caller discards those rows' results).
 
 What a row produces depends only on its prompt, adapter and ``RowSpec``, never on the other rows
 or jobs of the call (up to floating-point rounding on accelerators). Engines run under the
@@ -23,7 +26,7 @@ its rows; ``RepeatedRowsEngine``: every row encodes its whole prompt, the origin
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -50,6 +53,8 @@ class DecodeJob:
 
     state: PromptState
     rows: Sequence[RowSpec]
+    # Polled between steps; True: the rows still running may be dropped (a client went away).
+    cancelled: Callable[[], bool] | None = None
 
 
 @dataclass(frozen=True)

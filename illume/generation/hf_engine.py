@@ -10,8 +10,9 @@
 - ``decode`` copies each job's cache to its rows (the fork) and decodes all rows of all jobs in one
   batch: caches of different lengths are left-padded with zeros that the attention mask hides, and
   each row's positions continue its own prompt. A row that finishes is yielded at once and dropped
-  from the batch, so finished rows cost no more compute. Each row names its adapter (peft's
-  ``adapter_names``), so one batch mixes adapters and the base model.
+  from the batch, so finished rows cost no more compute; the rows of a job whose ``cancelled``
+  turns True are dropped the same way at the next step, without a ``Finished``. Each row names its
+  adapter (peft's ``adapter_names``), so one batch mixes adapters and the base model.
 - Positions: each state keeps its text positions' offset from token indices (``position_offset``:
   0 for most families, 1 for PaliGemma, which counts from 1, and for Qwen2-VL and Qwen2.5-VL the
   multimodal rotary delta after the image); a fresh prefill lets the family compute its own
@@ -28,7 +29,9 @@
 
 ``RepeatedRowsEngine`` is the original path: ``prefill`` only remembers the prompt, and ``decode``
 makes one ``generate`` call in which every row encodes its image and whole prompt again. It works
-for every family and is the reference the fork is tested against.
+for every family and is the reference the fork is tested against. ``generate`` keeps every row in
+its batch until the longest one ends (a finished row keeps costing a forward pass per step, fed
+padding), yields the rows only at the end, and ignores ``cancelled`` (the caller discards them).
 
 Both sample with ``RowSampler``, so on CPU in fp32 a row's tokens are the same under either engine
 (up to arg-max ties broken differently by last-bit differences between the two computations).
@@ -218,8 +221,11 @@ class ForkEngine:
         step = 0
         while True:
             chosen = sampler.choose(scores, batch.rows, step)
+            stopped = {j for j, job in enumerate(jobs) if job.cancelled is not None and job.cancelled()}
             running = []
             for position, i in enumerate(batch.rows):
+                if owners[i][0] in stopped:
+                    continue  # a cancelled job's row: dropped from the batch, never yielded
                 if sampler.finished[i]:
                     yield self._finished(owners[i], tokens[i], sampler, i)
                 else:
