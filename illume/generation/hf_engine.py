@@ -47,6 +47,7 @@ import torch
 from PIL import Image
 
 from illume.generation.engine import DecodeJob, Finished, Prompt
+from illume.generation.prompts import shared_prefix_length
 from illume.generation.sampling import RowSampler
 from illume.models.loading import LoadedModel
 
@@ -90,16 +91,6 @@ def adapter_kwargs(model: Any, adapters: Sequence[str | None]) -> dict[str, Any]
     if not getattr(model, "peft_config", None):
         return {}
     return {"adapter_names": [a or BASE_ADAPTER for a in adapters]}
-
-
-def shared_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` have in common."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @dataclass(frozen=True, eq=False)

@@ -7,6 +7,8 @@ is a candidate rationale.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 RATIONALE_MARKER = "seeing that"
 
 
@@ -25,3 +27,14 @@ def clean_answer(continuation: str) -> str:
     for stop in (",", ".", "\n"):
         continuation = continuation.split(stop, 1)[0]
     return continuation.strip()
+
+
+def shared_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` have in common (where a prompt's encoding ends
+    inside a longer encoding that continues it)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

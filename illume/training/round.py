@@ -75,6 +75,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from illume.generation.prompts import shared_prefix_length
 from illume.images import load_image_file
 from illume.models.loading import (
     DEFAULT_LORA_PROJECTIONS,
@@ -169,15 +170,6 @@ class RoundResult:
 CAUSAL_TARGET_TOKEN_TYPES = frozenset({"paligemma"})
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def encode_row(loaded: LoadedModel, row: SnapshotRow, image: Image.Image) -> dict[str, torch.Tensor]:
     """One row as model inputs (batch dimension 1) with ``labels`` on the target tokens and EOS.
 
@@ -191,7 +183,7 @@ def encode_row(loaded: LoadedModel, row: SnapshotRow, image: Image.Image) -> dic
     prompt = processor(text=[prompt_text], images=images, return_tensors="pt")
     full = processor(text=[prompt_text + row.target], images=images, return_tensors="pt")
     ids = full["input_ids"][0]
-    start = _common_prefix(prompt["input_ids"][0].tolist(), ids.tolist())
+    start = shared_prefix_length(prompt["input_ids"][0].tolist(), ids.tolist())
     eos = loaded.tokenizer.eos_token_id
     length = ids.shape[0]
     append = int(ids[-1]) != eos
