@@ -89,6 +89,7 @@ bench: install
 	$(PY) -m illume.store.bench --url postgresql+psycopg://postgres@127.0.0.1:5432/test --writers 16 --writes 50
 	$(PY) -m tests.bench.tuning --replicas 2 --judgements 1000
 	$(PY) -m tests.bench.engine $(BENCH_ENGINE_ARGS)
+	$(PY) -m tests.bench.engine_served $(BENCH_ENGINE_SERVED_ARGS)
 
 # The generation engine on a GPU (tests/bench/engine_gpu.py; in-process, no Ray, under 10 minutes).
 # It needs no `make install`: GPU_PYTHON is this checkout's .venv where there is one, else the

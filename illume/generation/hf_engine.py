@@ -242,6 +242,16 @@ class ForkEngine:
         )
 
 
+def _filled_layer(keys: torch.Tensor, values: torch.Tensor) -> Any:
+    """A ``DynamicLayer`` holding ``keys`` and ``values`` themselves (no copy)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layer = DynamicLayer()
+    layer.lazy_initialization(keys, values)
+    layer.keys, layer.values = keys, values
+    return layer
+
+
 class _Batch:
     """The running rows of a fork decode: their shared cache, attention mask and next positions."""
 
@@ -253,11 +263,17 @@ class _Batch:
 
     @classmethod
     def fork(cls, states: Sequence[ForkState], counts: Sequence[int], device: torch.device) -> _Batch:
-        """Each state copied to its ``count`` rows, left-padded to the longest prompt."""
+        """Each state copied to its ``count`` rows, left-padded to the longest prompt.
+
+        The copies become the cache's layers as they are: ``DynamicCache(ddp_cache_data=...)``
+        would concatenate each onto an empty tensor, holding every layer twice until the fork is
+        done (measured: the peak RSS of a batch of 8 LLaVA-1.5-shaped requests grew by twice their
+        KV cache)."""
         from transformers import DynamicCache
 
         width = max(len(s) for s, c in zip(states, counts, strict=True) if c)
-        layers = []
+        cache = DynamicCache()
+        cache.layers = []
         for layer in range(len(states[0].layers)):
             keys, values = [], []
             for state, count in zip(states, counts, strict=True):
@@ -265,12 +281,12 @@ class _Batch:
                 pad = (0, 0, width - len(state), 0)  # zeros before the prompt, hidden by the mask
                 keys.append(torch.nn.functional.pad(k, pad).expand(count, -1, -1, -1))
                 values.append(torch.nn.functional.pad(v, pad).expand(count, -1, -1, -1))
-            layers.append((torch.cat(keys), torch.cat(values)))
+            cache.layers.append(_filled_layer(torch.cat(keys), torch.cat(values)))
         lengths = [len(s) for s, c in zip(states, counts, strict=True) for _ in range(c)]
         offsets = [s.position_offset for s, c in zip(states, counts, strict=True) for _ in range(c)]
         mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=device)
         positions = torch.tensor(lengths, device=device) + torch.tensor(offsets, device=device)
-        return cls(DynamicCache(ddp_cache_data=layers), mask, positions, list(range(len(lengths))))
+        return cls(cache, mask, positions, list(range(len(lengths))))
 
     def keep(self, positions: list[int]) -> None:
         """Drop the rows not at ``positions`` (finished ones) from the cache and bookkeeping."""
