@@ -12,6 +12,9 @@ Contract:
   held-out generations never enter it), saved immutably under its sha256 in the artifact store
   (``<namespace>/snapshots/<sha256>``), and its row counts recorded on the round; a round that
   already recorded one (a resubmitted job) fetches that one and never rebuilds it;
+- annotators with an uncleared flag are left out of the snapshot, and every annotator its
+  agreement check flags anew is flagged in the store (``record_new_flags``) until an admin clears
+  it (``ClearAnnotatorFlag``);
 - training is a ``TorchTrainer`` of ``num_workers`` data-parallel workers (gloo on CPU) calling
   the core ``train_round`` (LoRA on the language model only); workers fetch the snapshot and the
   parent adapter from the artifact store, checkpoint the training state after every epoch into
@@ -271,30 +274,60 @@ def _exit_once_after(spec: dict[str, Any] | None, rank: int) -> Callable[[int], 
     return after_checkpoint
 
 
-def _train_worker(cfg: dict[str, Any]) -> None:
-    """One Ray Train worker: fetch the snapshot (and the parent adapter) from the artifact store,
-    resume from the run's latest checkpoint if any, train with a checkpoint per epoch, and report
-    the adapter as the run's last checkpoint (rank 0)."""
-    import ray.train
-    import ray.train.torch
-
+def train_from_artifacts(
+    cfg: dict[str, Any],
+    work: Path,
+    out_dir: Path,
+    *,
+    checkpoint: Callable[[int, dict[str, float], Path | None], None] | None = None,
+    resume_from: Path | None = None,
+    prepare_model: Callable[[Any], Any] | None = None,
+    prepare_loader: Callable[[Any], Any] | None = None,
+) -> Any:
+    """One trainer's work on ``train_loop_config(...)``'s dict: fetch the snapshot (and the parent
+    adapter) from the artifact store by URI, read images from the store, train into ``out_dir``.
+    The Ray Train worker below wraps it; it needs no Ray itself. Returns the ``RoundResult``."""
     from illume.adapters.artifacts import open_artifact_store
     from illume.store import FeedbackStore, StoreSettings
     from illume.training.from_store import store_image_loader
     from illume.training.replay import with_file_images
     from illume.training.round import TrainConfig, train_round
 
+    store = FeedbackStore(StoreSettings.model_validate(cfg["store"]))
+    try:
+        artifacts = open_artifact_store(cfg["artifact_uri"], cfg["artifact_options"] or None)
+        snapshot = Snapshot.load(artifacts.get_dir(cfg["snapshot_uri"], work / "snapshot") / SNAPSHOT_FILE)
+        parent = artifacts.get_dir(cfg["parent_uri"], work / "parent") if cfg.get("parent_uri") else None
+        return train_round(
+            snapshot,
+            TrainConfig.model_validate(cfg["train"]),
+            model_dir=cfg["model_dir"],
+            image_loader=with_file_images(store_image_loader(store)),
+            out_dir=out_dir,
+            parent_adapter=parent,
+            prepare_model=prepare_model,
+            prepare_loader=prepare_loader,
+            checkpoint=checkpoint,
+            resume_from=resume_from,
+        )
+    finally:
+        store.close()
+
+
+def _train_worker(cfg: dict[str, Any]) -> None:
+    """One Ray Train worker: resume from the run's latest checkpoint if any, train
+    (``train_from_artifacts``) with a checkpoint per epoch, and report the adapter as the run's
+    last checkpoint (rank 0)."""
+    import ray.train
+    import ray.train.torch
+
     rank = ray.train.get_context().get_world_rank()
     work = Path(tempfile.mkdtemp(prefix="illume-worker-"))
-    store = FeedbackStore(StoreSettings.model_validate(cfg["store"]))
     try:
         latest = ray.train.get_checkpoint()
         resume_dir = Path(latest.to_directory(str(work / "resume"))) if latest is not None else None
         if resume_dir is not None and (resume_dir / FINAL_ADAPTER).is_dir():
             return  # the run had finished: its last checkpoint already holds the adapter
-        artifacts = open_artifact_store(cfg["artifact_uri"], cfg["artifact_options"] or None)
-        snapshot = Snapshot.load(artifacts.get_dir(cfg["snapshot_uri"], work / "snapshot") / SNAPSHOT_FILE)
-        parent = artifacts.get_dir(cfg["parent_uri"], work / "parent") if cfg.get("parent_uri") else None
         exit_hook = _exit_once_after(cfg.get("test_exit"), rank)
         epochs_run: list[int] = []
 
@@ -305,17 +338,14 @@ def _train_worker(cfg: dict[str, Any]) -> None:
             exit_hook(epoch)
 
         final = work / "final"
-        result = train_round(
-            snapshot,
-            TrainConfig.model_validate(cfg["train"]),
-            model_dir=cfg["model_dir"],
-            image_loader=with_file_images(store_image_loader(store)),
-            out_dir=final / FINAL_ADAPTER,
-            parent_adapter=parent,
-            prepare_model=ray.train.torch.prepare_model,
-            prepare_loader=ray.train.torch.prepare_data_loader,
+        result = train_from_artifacts(
+            cfg,
+            work,
+            final / FINAL_ADAPTER,
             checkpoint=checkpoint,
             resume_from=resume_dir,
+            prepare_model=ray.train.torch.prepare_model,
+            prepare_loader=ray.train.torch.prepare_data_loader,
         )
         metrics = {
             "final_loss": result.final_loss,
@@ -325,8 +355,23 @@ def _train_worker(cfg: dict[str, Any]) -> None:
         saved = ray.train.Checkpoint.from_directory(str(final)) if rank == 0 else None
         ray.train.report(metrics, checkpoint=saved)
     finally:
-        store.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def train_loop_config(config: AppConfig, snapshot_uri: str, parent_uri: str | None) -> dict[str, Any]:
+    """What every trainer of a round gets: locations by URI, never a local path of the driver's
+    node (the model directory is baked into every node's image; docs/DEPLOY.md)."""
+    exit_spec = os.environ.get(WORKER_EXIT_ENV)
+    return {
+        "store": config.feedback_log.store.model_dump(mode="json"),
+        "artifact_uri": config.artifact_uri,
+        "artifact_options": dict(config.artifact_options),
+        "snapshot_uri": snapshot_uri,
+        "parent_uri": parent_uri,
+        "train": config.tuning.train.model_dump(mode="json"),
+        "model_dir": str(config.generator.model.path),
+        "test_exit": json.loads(exit_spec) if exit_spec else None,
+    }
 
 
 def train_with_ray(
@@ -350,19 +395,9 @@ def train_with_ray(
     bundle = worker_bundle(tuning)
     requested = wait_for_resources([bundle] * tuning.num_workers, tuning.schedule_timeout_s)
     filesystem, storage_path = arrow_filesystem(storage_uri(config), config.artifact_options)
-    exit_spec = os.environ.get(WORKER_EXIT_ENV)
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={
-            "store": config.feedback_log.store.model_dump(mode="json"),
-            "artifact_uri": config.artifact_uri,
-            "artifact_options": dict(config.artifact_options),
-            "snapshot_uri": snapshot_uri,
-            "parent_uri": parent_uri,
-            "train": tuning.train.model_dump(mode="json"),
-            "model_dir": str(config.generator.model.path),
-            "test_exit": json.loads(exit_spec) if exit_spec else None,
-        },
+        train_loop_config=train_loop_config(config, snapshot_uri, parent_uri),
         scaling_config=ScalingConfig(
             num_workers=tuning.num_workers,
             use_gpu=tuning.use_gpu,
@@ -492,6 +527,27 @@ def _recorded_snapshot(artifacts: Any, namespace: str, sha256: str, work: Path) 
     return snapshot, uri
 
 
+def record_new_flags(
+    store: FeedbackStore, namespace: str, snapshot: Snapshot, already: frozenset[str], flagged_by: str
+) -> list[str]:
+    """Store a flag for every annotator the snapshot's agreement check flagged that ``already``
+    (the uncleared flags) does not hold, so they stay out of later snapshots until an admin clears
+    them; returns their ids. The tuning job is the writer of these flags (docs/ARCHITECTURE.md,
+    "Who writes which table")."""
+    new = [a for a in snapshot.manifest.annotator_agreement if a["flagged"] and a["annotator"] not in already]
+    for found in new:
+        store.flag_annotator(
+            namespace,
+            found["annotator"],
+            reason=found["reason"],
+            kappa=found["kappa"],
+            overlap_items=found["overlap_items"],
+            flagged_by=flagged_by,
+        )
+        log.warning("annotator %r of %r flagged: %s", found["annotator"], namespace, found["reason"])
+    return [found["annotator"] for found in new]
+
+
 def run_round(config: AppConfig, namespace: str, round_id: str) -> RoundRecord:
     """The whole round (see the module docstring); returns the final round record.
 
@@ -500,7 +556,7 @@ def run_round(config: AppConfig, namespace: str, round_id: str) -> RoundRecord:
     from illume.adapters.artifacts import open_artifact_store
     from illume.adapters.manifest import publish_adapter
     from illume.models.loading import base_model_fingerprint
-    from illume.training.from_store import judged_items
+    from illume.training.from_store import cleared_annotators, flagged_annotators, judged_items
 
     store = FeedbackStore(config.feedback_log.store)
     registry = AdapterRegistry(store)
@@ -525,9 +581,15 @@ def run_round(config: AppConfig, namespace: str, round_id: str) -> RoundRecord:
                 registry.update_round(round_id, "training")
         else:
             registry.update_round(round_id, "snapshot")
+            flagged = flagged_annotators(store, namespace)
             snapshot = build_snapshot(
-                judged_items(store, namespace), config.tuning.snapshot, replay_pool(config.tuning.replay_data)
+                judged_items(store, namespace),
+                config.tuning.snapshot,
+                replay_pool(config.tuning.replay_data),
+                flagged_annotators=flagged,
+                cleared_annotators=cleared_annotators(store, namespace),
             )
+            record_new_flags(store, namespace, snapshot, flagged, f"round:{round_id}")
             if not snapshot.rationale_rows:
                 return registry.update_round(
                     round_id, "rejected", reason="no accepted rationales to train on yet"

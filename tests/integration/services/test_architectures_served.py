@@ -11,10 +11,16 @@ session's API keys:
    in-process ``Generator`` on the same checkpoint (same request, same seed), labelled "base";
 2. SubmitFeedback selects two candidates of each generation (answer correct), and the stored
    generation carries that judgement;
-3. one LoRA round (``services.tuner.run_round``: the snapshot from that feedback, a real Ray Train
-   run of one worker with ``max_steps`` 2, the gate as a Ray task, the registry) promotes version 1
-   (the gate is configured to pass every candidate: the store has no held-out split, and
-   ``allow_empty``; the gate's decisions are tested elsewhere, this is about the architecture);
+3. one LoRA round (``services.tuner.run_round``: the snapshot from that feedback, training with
+   ``max_steps`` 2, the gate as a Ray task, the registry) promotes version 1 (the gate is
+   configured to pass every candidate: the store has no held-out split, and ``allow_empty``; the
+   gate's decisions are tested elsewhere, this is about the architecture). For the families in
+   ``RAY_TRAIN_FAMILIES`` the training is a real Ray Train run of one worker; for the others the
+   same trainer body (``services.tuner.train_from_artifacts``: the snapshot fetched from the
+   artifact store by URI, ``train_round``) runs in the test's process. Ray Train does nothing
+   family-specific with one worker, and its start-up is 25-50 s of each round here; the other
+   families save that time (tests/integration/services/test_tuner_rounds.py covers Ray Train's
+   resumption and placement);
 4. the Generator hot-reloads it: requests on the namespace's default routing are served by
    ``rationale-v1`` within ``RELOAD_TIMEOUT_S``;
 5. the served candidates with the new adapter are exactly those of an in-process ``Generator``
@@ -57,6 +63,8 @@ pytestmark = pytest.mark.slow
 
 NAMESPACE = "default"
 RELOAD_TIMEOUT_S = 30.0
+# Families whose round trains in a real Ray Train run; the others train in the test's process.
+RAY_TRAIN_FAMILIES = frozenset({"llava", "qwen2_vl"})
 # The tokenizers' training text (the words of the requests below are in every vocabulary).
 TEXTS = [
     "q: what colour is the square? a: red, seeing that the square is red",
@@ -250,10 +258,23 @@ def judged(served) -> list:
     return replies
 
 
+def train_in_this_process(config: AppConfig, snapshot_uri: str, round_id: str, out_dir: Path, parent_uri):
+    """``services.tuner.train_with_ray``'s contract, with the trainer's body run here."""
+    import tempfile
+
+    from services.tuner import train_from_artifacts, train_loop_config
+
+    with tempfile.TemporaryDirectory(prefix="illume-test-trainer-") as work:
+        result = train_from_artifacts(
+            train_loop_config(config, snapshot_uri, parent_uri), Path(work), out_dir
+        )
+    return {"final_loss": result.final_loss, "steps": result.steps}
+
+
 @pytest.fixture(scope="module")
 def promoted(served, judged) -> RoundRecord:
     """One round from that feedback, then the first served reply of its adapter (hot reload)."""
-    from services.tuner import run_round
+    from services import tuner
 
     registry = AdapterRegistry.open(served.config.feedback_log.store)
     try:
@@ -261,7 +282,10 @@ def promoted(served, judged) -> RoundRecord:
     finally:
         registry.close()
     start = time.perf_counter()
-    final = run_round(served.config, NAMESPACE, record.round_id)
+    with pytest.MonkeyPatch.context() as patch:
+        if served.arch.name not in RAY_TRAIN_FAMILIES:
+            patch.setattr(tuner, "train_with_ray", train_in_this_process)
+        final = tuner.run_round(served.config, NAMESPACE, record.round_id)
     served.timings["round"] = time.perf_counter() - start
     for phase, seconds in (final.scores or {}).get("timings", {}).items():
         served.timings[f"round.{phase.removesuffix('_s')}"] = seconds
