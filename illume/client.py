@@ -377,6 +377,17 @@ class IllumeClient:
         )
         return self._call(self.admin.ListAuditEvents, request, timeout)
 
+    def list_annotators(self, namespace: str = "", timeout: float | None = None) -> Any:
+        """The namespace's annotators: judgements, agreement (kappa) and reliability flags (a
+        ``ListAnnotatorsResponse``; admin role)."""
+        request = self.pb.ListAnnotatorsRequest(namespace=namespace)
+        return self._call(self.admin.ListAnnotators, request, timeout)
+
+    def clear_annotator_flag(self, namespace: str, annotator_id: str, timeout: float | None = None) -> Any:
+        """Clear an annotator's reliability flag (audited; NOT_FOUND when none is set)."""
+        request = self.pb.ClearAnnotatorFlagRequest(namespace=namespace, annotator_id=annotator_id)
+        return self._call(self.admin.ClearAnnotatorFlag, request, timeout)
+
 
 class _RetryingStream:
     """The messages of a server-streaming call, retried on UNAVAILABLE until the first one arrives.

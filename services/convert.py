@@ -7,7 +7,7 @@ the core (``illume``) never imports the generated stubs.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from illume.errors import InvalidRequest
@@ -15,6 +15,7 @@ from illume.generation.generator import CandidateOut, GenerateRequest, SamplingP
 from illume.store.types import (
     AdapterFeedbackStats,
     AdapterRecord,
+    AnnotatorFlag,
     CandidateRecord,
     FeedbackStats,
     FeedbackSubmission,
@@ -26,6 +27,7 @@ from illume.store.types import (
     candidate_id_for,
     rfc3339,
 )
+from illume.training.reliability import AnnotatorAgreement, ReliabilityConfig
 from illume.v1 import illume_pb2 as pb
 from illume.validation import RequestLimits, build_sampling
 
@@ -223,6 +225,62 @@ def audit_to_pb(record: Any) -> pb.AuditEvent:
         action=record.action,
         namespace=record.namespace,
         arguments_json=json.dumps(dict(record.arguments), sort_keys=True),
+    )
+
+
+def annotator_to_pb(
+    annotator_id: str, agreement: AnnotatorAgreement | None, judgements: int, flag: AnnotatorFlag | None
+) -> pb.Annotator:
+    """One annotator of ``ListAnnotators``: the agreement check's numbers now (``agreement`` None:
+    no current decision, e.g. only a flag left), and the stored flag (``flag``: the latest, set or
+    cleared; None: never flagged)."""
+    message = pb.Annotator(annotator_id=annotator_id, judgements=judgements)
+    if agreement is not None:
+        message.overlap_items = agreement.overlap_items
+        message.decisions = agreement.decisions
+        message.assessment = agreement.reason
+        message.below_threshold = agreement.flagged
+        if agreement.kappa is not None:
+            message.kappa = agreement.kappa
+        if agreement.agreement is not None:
+            message.agreement = agreement.agreement
+    if flag is not None:
+        message.flagged = flag.active
+        message.flag_reason = flag.reason
+        message.flagged_at = rfc3339(flag.flagged_at)
+        message.cleared = not flag.active
+        if flag.cleared_at is not None:
+            message.cleared_at = rfc3339(flag.cleared_at)
+            message.cleared_by = flag.cleared_by
+    return message
+
+
+def annotators_to_pb(
+    agreements: Sequence[AnnotatorAgreement],
+    judgements: Mapping[str, int],
+    flags: Sequence[AnnotatorFlag],
+    config: ReliabilityConfig,
+) -> pb.ListAnnotatorsResponse:
+    """``ListAnnotators``' reply: every annotator with an agreement row, a judgement or a flag (set
+    or cleared), by id, and the thresholds of ``config``."""
+    by_id = {a.annotator: a for a in agreements}
+    flag_of = {f.annotator_id: f for f in flags}
+    ids = sorted(set(by_id) | set(judgements) | set(flag_of))
+    return pb.ListAnnotatorsResponse(
+        annotators=[annotator_to_pb(i, by_id.get(i), judgements.get(i, 0), flag_of.get(i)) for i in ids],
+        flag_below_kappa=config.flag_below_kappa,
+        min_overlap_items=config.min_overlap_items,
+        min_annotators=config.min_annotators,
+    )
+
+
+def cleared_flag_to_pb(flag: AnnotatorFlag) -> pb.ClearAnnotatorFlagResponse:
+    """``ClearAnnotatorFlag``'s reply from the flag as stored after the clear."""
+    return pb.ClearAnnotatorFlagResponse(
+        cleared=not flag.active,
+        annotator_id=flag.annotator_id,
+        flagged_at=rfc3339(flag.flagged_at),
+        cleared_at=rfc3339(flag.cleared_at),
     )
 
 

@@ -138,6 +138,11 @@ VERBS = {
         _printing(lambda c, a: c.list_audit_events(a.namespace, page_size=a.limit, timeout=a.timeout)),
         "admin",
     ),
+    "annotators": (_printing(lambda c, a: c.list_annotators(a.namespace, timeout=a.timeout)), "admin"),
+    "clear-annotator-flag": (
+        _printing(lambda c, a: c.clear_annotator_flag(a.namespace, a.annotator_id, timeout=a.timeout)),
+        "admin",
+    ),
 }
 
 
@@ -178,3 +183,5 @@ def configure(p: argparse.ArgumentParser) -> None:
             v.add_argument("name", help="the namespace to declare")
         elif name == "audit":
             v.add_argument("--limit", type=int, default=20, help="events to show (1-100), newest first")
+        elif name == "clear-annotator-flag":
+            v.add_argument("annotator_id", help="the flagged annotator (see 'illume client annotators')")

@@ -47,7 +47,33 @@ FLAGS = [
     Flag("device", also=("train.device",)),
 ]
 # LoopConfig fields no flag sets (the defaults are the paper's or follow the model).
-UNBOUND = ("train.betas", "train.dtype", "train.image_backend")
+# The simulated loop has one critic and no people: the rating rule and annotator reliability of
+# the snapshot (SnapshotConfig.acceptance, .reliability) keep their defaults.
+UNBOUND = (
+    "train.betas",
+    "train.dtype",
+    "train.image_backend",
+    *(
+        f"snapshot.acceptance.{name}"
+        for name in (
+            "min_fitting_rating",
+            "rating_weights",
+            "unrated_weight",
+            "train_corrected",
+            "corrected_weight",
+        )
+    ),
+    *(
+        f"snapshot.reliability.{name}"
+        for name in (
+            "exclude_flagged",
+            "min_overlap_items",
+            "flag_below_kappa",
+            "min_annotators",
+            "max_share_of_rationale_rows",
+        )
+    ),
+)
 # Validation items of a world built here when --val-limit is None (all).
 DEFAULT_BUILT_VAL = 100
 

@@ -15,6 +15,10 @@ Contract:
   body raises ``AlreadyExists``. A new key from the same annotator for the same generation is the
   next revision; only the latest revision counts in stats, exports and snapshots.
 - Corrected rationales live in their own table and reach training rows only when asked for.
+- Annotator flags (``flag_annotator``, ``clear_annotator_flag``, ``annotator_flags``): an annotator
+  flagged for low agreement (``illume.training.reliability``) stays flagged in that namespace until
+  ``clear_annotator_flag``; flagging an already flagged annotator updates the evidence (kappa,
+  overlap, reason) but keeps the time it was first flagged. ``delete_annotator`` deletes the flags.
 - Images: with ``image_dir`` set, bytes go to ``image_dir/<sha[:2]>/<sha>`` (temp file, fsync,
   rename, fsync of the directory) before the generation's transaction, so an acknowledged
   generation always has its image; without it, bytes go to the ``images`` table in the same
@@ -61,6 +65,7 @@ from illume.store.types import (
     FINISH_REASONS,
     VERDICTS,
     AdapterFeedbackStats,
+    AnnotatorFlag,
     CandidateRecord,
     FeedbackReceipt,
     FeedbackStats,
@@ -753,6 +758,71 @@ class FeedbackStore:
                 return
             last = gen_rows[-1].seq
 
+    # -- annotator flags -----------------------------------------------------------------------
+
+    def flag_annotator(
+        self,
+        namespace: str,
+        annotator_id: str,
+        *,
+        reason: str,
+        kappa: float | None = None,
+        overlap_items: int = 0,
+        flagged_by: str = "",
+    ) -> AnnotatorFlag:
+        """Flag ``annotator_id`` in ``namespace`` until an admin clears it; returns the flag."""
+        namespace = normalize_namespace(namespace)
+        if not annotator_id or len(annotator_id) > MAX_ANNOTATOR_LEN:
+            raise InvalidRequest(f"annotator_id must be 1-{MAX_ANNOTATOR_LEN} characters")
+        t = s.annotator_flags
+        evidence = {"kappa": kappa, "overlap_items": int(overlap_items), "reason": reason}
+
+        def op(conn: Connection) -> AnnotatorFlag:
+            key = and_(t.c.namespace == namespace, t.c.annotator_id == annotator_id)
+            row = conn.execute(select(t).where(key)).first()
+            if row is not None and row.cleared_at is None:
+                conn.execute(update(t).where(key).values(**evidence))  # still flagged: since then
+            else:
+                fresh = {
+                    **evidence,
+                    "flagged_at": rfc3339(utcnow()),
+                    "flagged_by": flagged_by,
+                    "cleared_at": None,
+                    "cleared_by": "",
+                }
+                if row is None:
+                    conn.execute(insert(t).values(namespace=namespace, annotator_id=annotator_id, **fresh))
+                else:
+                    conn.execute(update(t).where(key).values(**fresh))
+            return _flag(conn.execute(select(t).where(key)).one())
+
+        return self._writer.run(op)
+
+    def clear_annotator_flag(self, namespace: str, annotator_id: str, cleared_by: str = "") -> bool:
+        """Clear the flag of ``annotator_id`` (an admin's decision); False if none was set."""
+        namespace = normalize_namespace(namespace)
+        t = s.annotator_flags
+
+        def op(conn: Connection) -> bool:
+            done = conn.execute(
+                update(t)
+                .where(t.c.namespace == namespace, t.c.annotator_id == annotator_id, t.c.cleared_at.is_(None))
+                .values(cleared_at=rfc3339(utcnow()), cleared_by=cleared_by)
+            )
+            return bool(done.rowcount)
+
+        return self._writer.run(op)
+
+    def annotator_flags(self, namespace: str = "", include_cleared: bool = False) -> list[AnnotatorFlag]:
+        """The flags of ``namespace`` (only those still set unless ``include_cleared``), by annotator."""
+        namespace = normalize_namespace(namespace)
+        t = s.annotator_flags
+        query = select(t).where(t.c.namespace == namespace).order_by(t.c.annotator_id)
+        if not include_cleared:
+            query = query.where(t.c.cleared_at.is_(None))
+        with self._read() as conn:
+            return [_flag(row) for row in conn.execute(query)]
+
     # -- deletion ------------------------------------------------------------------------------
 
     def _drop_feedback(self, conn: Connection, feedback_ids: list[str]) -> None:
@@ -809,6 +879,21 @@ class FeedbackStore:
                 ).scalars()
             )
             self._drop_feedback(conn, fids)
+            conn.execute(delete(s.annotator_flags).where(s.annotator_flags.c.annotator_id == annotator_id))
             return len(fids)
 
         return self._writer.run(op)
+
+
+def _flag(row: Any) -> AnnotatorFlag:
+    return AnnotatorFlag(
+        namespace=row.namespace,
+        annotator_id=row.annotator_id,
+        kappa=row.kappa,
+        overlap_items=int(row.overlap_items),
+        reason=row.reason,
+        flagged_at=parse_rfc3339(row.flagged_at),
+        flagged_by=row.flagged_by,
+        cleared_at=parse_rfc3339(row.cleared_at),
+        cleared_by=row.cleared_by,
+    )

@@ -12,6 +12,8 @@ Writers, one per table group (nobody else writes these tables):
 - ``namespaces``, ``audit``: ``AdapterRegistry`` (the Ingress declares namespaces and records
   admin actions; the registry records promote/rollback/round starts in the changing transaction).
 - ``replicas``: each Generator replica its own row (``illume.store.replicas``), read by the Ingress.
+- ``annotator_flags``: ``FeedbackStore`` (``flag_annotator`` when an annotator's agreement is too
+  low, ``clear_annotator_flag`` by an admin); read when snapshots are built.
 - ``schema_version``: whoever opens the store first after an upgrade (``migrate``).
 
 Durability is set on every connection, never per call: SQLite runs in WAL mode with
@@ -331,6 +333,29 @@ replicas = Table(
 )
 
 REPLICA_TABLES = (replicas,)
+
+# --- annotator flags (migration 5) ---------------------------------------------------------------
+
+# An annotator whose agreement with the others was too low (illume.training.reliability) stays
+# flagged -- their judgements left out of snapshots -- until an admin clears the flag, even if a
+# later check would pass: a person decides. One row per (namespace, annotator); flagging again after
+# a clear starts a new flag on the same row. ``cleared_at`` None: the flag holds.
+annotator_flags = Table(
+    "annotator_flags",
+    metadata,
+    Column("namespace", String(128), nullable=False),
+    Column("annotator_id", String(128), nullable=False),
+    Column("kappa", Float, nullable=True),
+    Column("overlap_items", Integer, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("flagged_at", Timestamp, nullable=False),
+    Column("flagged_by", String(256), nullable=False),
+    Column("cleared_at", Timestamp, nullable=True),
+    Column("cleared_by", String(256), nullable=False),
+    PrimaryKeyConstraint("namespace", "annotator_id"),
+)
+
+FLAG_TABLES = (annotator_flags,)
 DEFAULT_NAMESPACE = "default"
 
 
@@ -381,6 +406,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "adapter registry, rounds, leases", _create(REGISTRY_TABLES)),
     Migration(3, "declared namespaces, audit", _declare_namespaces_in_use),
     Migration(4, "generator replica heartbeats", _create(REPLICA_TABLES)),
+    Migration(5, "annotator flags", _create(FLAG_TABLES)),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

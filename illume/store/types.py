@@ -190,6 +190,25 @@ class FeedbackSubmission:
 
 
 @dataclass(frozen=True)
+class AnnotatorFlag:
+    """An annotator flagged in a namespace for low agreement (``cleared_at`` None: still flagged)."""
+
+    namespace: str
+    annotator_id: str
+    kappa: float | None
+    overlap_items: int
+    reason: str
+    flagged_at: datetime
+    flagged_by: str
+    cleared_at: datetime | None = None
+    cleared_by: str = ""
+
+    @property
+    def active(self) -> bool:
+        return self.cleared_at is None
+
+
+@dataclass(frozen=True)
 class FeedbackReceipt:
     """The acknowledgement of a submission (proto ``SubmitFeedbackResponse``)."""
 

@@ -13,6 +13,11 @@ Contract:
     says it is right, else None;
   - ``feedback_ids``: the current non-skipped judgements' ids; ``image``: the image sha256 (resolve
     it with ``store_image_loader``); ``round``: the adapter version that generated it (0: base);
+  - ``candidates``, ``judgements``: the stored candidates and every current judgement (skips and
+    corrected rationales included), from which ``build_snapshot`` takes the accepted rationales,
+    their rule and weight under ``SnapshotConfig.acceptance`` and the annotators' agreement
+    (``accepted`` summarises the marked candidates; corrected rationales train only with
+    ``AcceptanceRule.train_corrected``, whatever ``include_corrected`` says);
   - ``item_id``: a question key, ``sha256(image sha256, normalised question)``, so several
     generations of one question (one per round) share it, as ``build_snapshot`` expects.
 - ``gate_items(store, namespace, limit, include_corrected=False)``: the ``limit`` most recent
@@ -20,6 +25,10 @@ Contract:
   answer is wrong (references that justify a wrong answer are no reference), as ``GateItem``s whose
   references are the accepted texts; images load lazily from the store.
 - ``store_image_loader(store)``: image sha256 -> decoded RGB image (``illume.images.decode_image``).
+- ``flagged_annotators(store, namespace)``: the annotators of ``namespace`` with an uncleared flag
+  (``FeedbackStore.annotator_flags``), for ``build_snapshot(..., flagged_annotators=...)``.
+- ``agreement(store, namespace, config)``: ``reliability.annotator_agreement`` over the namespace's
+  judged generations (held-out ones included: agreement does not train anything).
 """
 
 from __future__ import annotations
@@ -35,7 +44,13 @@ from PIL import Image
 from illume.evaluation.gate import GateItem
 from illume.store.registry import parse_version
 from illume.store.types import GenerationRecord
-from illume.training.snapshot import JudgedItem, normalise_rationale
+from illume.training.reliability import (
+    AnnotatorAgreement,
+    ReliabilityConfig,
+    annotator_agreement,
+    with_admin_clears,
+)
+from illume.training.snapshot import AcceptanceRule, JudgedItem, answer_verdict, normalise_rationale
 
 _IMAGE_BYTES_LIMIT = 1 << 30  # images in the store were checked when they were received
 
@@ -61,10 +76,7 @@ def _accepted(record: GenerationRecord, include_corrected: bool) -> tuple[str, .
 
 
 def _answer_correct(record: GenerationRecord) -> bool | None:
-    verdicts = [j.answer_correct for j in record.judgements if j.answer_correct is not None]
-    if False in verdicts:
-        return False
-    return True if verdicts else None
+    return answer_verdict(record.judgements)
 
 
 def _round(record: GenerationRecord) -> int:
@@ -88,6 +100,8 @@ def judged_item(record: GenerationRecord, include_corrected: bool = False) -> Ju
         held_out=record.held_out,
         round=_round(record),
         candidates_judged=len(record.candidates) if judging else 0,
+        candidates=record.candidates,
+        judgements=record.judgements,
     )
 
 
@@ -136,4 +150,45 @@ def gate_items(store: Any, namespace: str, limit: int, *, include_corrected: boo
     return list(chosen)
 
 
-__all__ = ["gate_items", "judged_item", "judged_items", "question_key", "store_image_loader"]
+def flagged_annotators(store: Any, namespace: str) -> frozenset[str]:
+    """The annotators of ``namespace`` flagged in the store and not cleared by an admin."""
+    return frozenset(flag.annotator_id for flag in store.annotator_flags(namespace))
+
+
+def cleared_annotators(store: Any, namespace: str) -> dict[str, int]:
+    """The annotators of ``namespace`` whose flag an admin cleared (and that is not set again),
+    with the overlap items they were flagged at (``reliability.with_admin_clears``)."""
+    return {
+        flag.annotator_id: flag.overlap_items
+        for flag in store.annotator_flags(namespace, include_cleared=True)
+        if not flag.active
+    }
+
+
+def agreement(
+    store: Any,
+    namespace: str,
+    config: ReliabilityConfig | None = None,
+    acceptance: AcceptanceRule | None = None,
+) -> list[AnnotatorAgreement]:
+    """Every annotator's agreement on ``namespace`` as a round's snapshot sees it: decisions under
+    ``acceptance`` (the default rule) on the generations a round trains from (the held-out split
+    left out), with the admins' clears applied."""
+    rule = acceptance or AcceptanceRule()
+    config = config or ReliabilityConfig()
+    records = [r for r in store.iter_judged(namespace, include_held_out=False) if not r.held_out]
+    return with_admin_clears(
+        annotator_agreement(records, config, decide=rule.fits), cleared_annotators(store, namespace), config
+    )
+
+
+__all__ = [
+    "agreement",
+    "cleared_annotators",
+    "flagged_annotators",
+    "gate_items",
+    "judged_item",
+    "judged_items",
+    "question_key",
+    "store_image_loader",
+]

@@ -16,12 +16,13 @@ Contract:
   tokenizer's EOS id is appended, and rows are right-padded into batches. Labels are -100 on the
   image, the prompt and the padding: the loss is taken on the target tokens and EOS only.
 - Loss. Each row's loss is the mean token cross-entropy over its target tokens. A rationale row
-  weighs ``snapshot.rationale_loss_weight`` (w), an answer row 1. A batch's objective is
+  weighs ``snapshot.rationale_loss_weight`` (w) times its own ``row.weight`` (what its rating gave
+  it, 1.0 unrated; snapshot.py, "what people said"), an answer row 1. A batch's objective is
   ``sum_r w_r * loss_r / (batch_rows * mean_w)``, with ``mean_w`` the mean weight over the rows
   of one pass. The normaliser is a constant, so the objective is an unbiased estimate of the
   pass's weighted mean row loss ``sum w_r loss_r / sum w_r``; with the paper's
-  ``w = #answer / #rationale`` rows (per pass), rationale rows and answer rows each carry half of
-  it, and the learning rate means the same whatever the replay ratio.
+  ``w = #answer rows / sum of the rationale rows' own weights`` (per pass), rationale rows and
+  answer rows each carry half of it, and the learning rate means the same whatever the replay ratio.
 - ``reporter(epoch, metrics)`` is called after every epoch (``epoch`` counts from 1) with
   ``loss`` (the weighted mean row loss ``sum w_r loss_r / sum w_r`` over the epoch's rows, the
   quantity the objective estimates, measured as the epoch went), ``objective`` (mean batch
@@ -264,7 +265,7 @@ class SnapshotDataset(torch.utils.data.Dataset):
         row = self.rows[index]
         example = encode_row(self.loaded, row, self.image_loader(row.image))
         rationale = row.kind == "rationale"
-        example["row_weight"] = torch.tensor([self.weight if rationale else 1.0])
+        example["row_weight"] = torch.tensor([self.weight * row.weight if rationale else 1.0])
         example["is_rationale"] = torch.tensor([rationale])
         return example
 
@@ -324,7 +325,8 @@ def mean_row_weight(snapshot: Snapshot) -> float:
         return 1.0
     w = snapshot.rationale_loss_weight
     answers = snapshot.answer_rows / snapshot.passes
-    return (snapshot.rationale_rows * w + answers) / (snapshot.rationale_rows + answers)
+    rationale_weight = sum(r.weight for r in snapshot.rows if r.kind == "rationale")
+    return (rationale_weight * w + answers) / (snapshot.rationale_rows + answers)
 
 
 def epoch_loader(loaders: Sequence[Any], epoch: int) -> Any:

@@ -9,23 +9,80 @@ Every call is guarded by the calling key's namespaces (``services/servicers/base
 no namespace field check what they touch: ``GetTuningRound`` answers NOT_FOUND for a round of a
 namespace the key may not use (as for an absent one), ``ListNamespaces`` and ``ListAuditEvents``
 return only the key's namespaces, ``DeclareNamespace`` needs an admin key allowed all namespaces.
-Promote, rollback, round starts and declarations are written to the audit table with the caller's
-principal and key id (docs/SERVING.md, "Audit").
+Promote, rollback, round starts, declarations and annotator flag clears are written to the audit
+table with the caller's principal and key id (docs/SERVING.md, "Audit").
+
+Annotators (``ListAnnotators``, ``ClearAnnotatorFlag``; docs/SERVING.md, "Ratings, corrections and
+annotator reliability"): like the registry calls, they use the database directly rather than a
+deployment, through a ``FeedbackStore`` the replica opens on first use. The agreement is computed
+in the Ingress (a read of the namespace's judged generations) so the FeedbackLog's single replica
+keeps its time for writes; the flags table is written by the tuning job (flags) and here (clears),
+never by the FeedbackLog (docs/ARCHITECTURE.md, "Who writes which table").
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections import Counter
 from typing import Any
 
 from illume.adapters import ALIASES, CANARY, PRODUCTION
 from illume.errors import FailedPrecondition, InvalidRequest, NotFound, PermissionDenied
+from illume.store import FeedbackStore
 from illume.store.registry import AdapterRegistry
+from illume.store.types import AnnotatorFlag
+from illume.training.reliability import AnnotatorAgreement
+from illume.training.snapshot import SnapshotConfig
 from illume.v1 import illume_pb2 as pb
 from illume.validation import RequestLimits, validate_namespace
 from services.auth import Caller
-from services.convert import adapter_to_pb, audit_to_pb, namespace_to_pb, round_to_pb
+from services.convert import (
+    adapter_to_pb,
+    annotators_to_pb,
+    audit_to_pb,
+    cleared_flag_to_pb,
+    namespace_to_pb,
+    round_to_pb,
+)
 from services.servicers.base import ServicerBase, rpc
+
+_STORE_LOCK = threading.Lock()  # one FeedbackStore per replica, however many calls open it first
+
+
+def judgement_counts(store: FeedbackStore, namespace: str) -> dict[str, int]:
+    """Each annotator's current non-skipped judgements, held-out generations included."""
+    counts: Counter[str] = Counter()
+    for record in store.iter_judged(namespace, include_held_out=True):
+        counts.update(j.annotator_id for j in record.judgements if j.verdict != "skipped")
+    return dict(counts)
+
+
+def annotator_report(
+    store: FeedbackStore, namespace: str, snapshot: SnapshotConfig
+) -> tuple[list[AnnotatorAgreement], dict[str, int], list[AnnotatorFlag]]:
+    """What ``ListAnnotators`` shows: the agreement as the next round computes it (its acceptance
+    rule and reliability settings, the generations outside the held-out split, the admins'
+    clears), every annotator's judgement count, and every flag of the namespace, cleared ones
+    included."""
+    from illume.training.from_store import agreement
+
+    agreements = agreement(store, namespace, snapshot.reliability, snapshot.acceptance)
+    return (
+        agreements,
+        judgement_counts(store, namespace),
+        store.annotator_flags(namespace, include_cleared=True),
+    )
+
+
+def _flag_of(
+    store: FeedbackStore, namespace: str, annotator_id: str, include_cleared: bool = False
+) -> AnnotatorFlag:
+    """The annotator's flag (only one still set unless ``include_cleared``); ``NotFound`` if none."""
+    for flag in store.annotator_flags(namespace, include_cleared=include_cleared):
+        if flag.annotator_id == annotator_id:
+            return flag
+    raise NotFound(f"annotator {annotator_id!r} has no flag set in namespace {namespace!r}")
 
 
 class AdminServicer(ServicerBase):
@@ -37,6 +94,49 @@ class AdminServicer(ServicerBase):
     limits: RequestLimits
     store_backend: str
     server_version: str
+    config: Any  # the AppConfig (store settings, the snapshot's acceptance and reliability)
+    feedback_store: FeedbackStore | None = None  # opened on first use (_annotator_store)
+
+    def _annotator_store(self) -> FeedbackStore:
+        """The replica's ``FeedbackStore`` for the annotator calls (blocking: call in a thread)."""
+        with _STORE_LOCK:
+            if self.feedback_store is None:
+                self.feedback_store = FeedbackStore(self.config.feedback_log.store)
+            return self.feedback_store
+
+    @rpc("admin", pb.ListAnnotatorsResponse)
+    async def ListAnnotators(
+        self, request: pb.ListAnnotatorsRequest, grpc_context: Any, caller: Caller
+    ) -> pb.ListAnnotatorsResponse:
+        namespace = validate_namespace(request.namespace, self.limits)
+        snapshot: SnapshotConfig = self.config.tuning.snapshot
+        store = await asyncio.to_thread(self._annotator_store)
+        report = await asyncio.to_thread(annotator_report, store, namespace, snapshot)
+        return annotators_to_pb(*report, snapshot.reliability)
+
+    @rpc("admin", pb.ClearAnnotatorFlagResponse)
+    async def ClearAnnotatorFlag(
+        self, request: pb.ClearAnnotatorFlagRequest, grpc_context: Any, caller: Caller
+    ) -> pb.ClearAnnotatorFlagResponse:
+        namespace = validate_namespace(request.namespace, self.limits)
+        annotator_id = request.annotator_id.strip()
+        if not annotator_id:
+            raise InvalidRequest("annotator_id is required")
+        store = await asyncio.to_thread(self._annotator_store)
+        flag = await asyncio.to_thread(_flag_of, store, namespace, annotator_id)
+        # Audited first, as on-behalf feedback is: every clear has its audit row.
+        await asyncio.to_thread(
+            self.registry.record_audit,
+            caller.actor,
+            "annotator.clear_flag",
+            namespace,
+            {"annotator_id": annotator_id, "kappa": flag.kappa, "reason": flag.reason},
+        )
+        if not await asyncio.to_thread(store.clear_annotator_flag, namespace, annotator_id, caller.principal):
+            # Another admin cleared it between the read and the clear.
+            raise NotFound(f"annotator {annotator_id!r} has no flag set in namespace {namespace!r}")
+        cleared = await asyncio.to_thread(_flag_of, store, namespace, annotator_id, True)
+        return cleared_flag_to_pb(cleared)
 
     @rpc("admin", pb.ListAdaptersResponse)
     async def ListAdapters(

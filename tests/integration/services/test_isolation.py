@@ -55,6 +55,9 @@ MATRIX = {
     "GetTuningRound": ("PD PD PD", "PD PD PD", "OK NF NF", "NF OK NF", "OK OK NF"),
     "ListTuningRounds": ("PD PD PD", "PD PD PD", "OK PD PD", "PD OK PD", "OK OK NF"),
     "ListAuditEvents": ("PD PD PD", "PD PD PD", "OK PD PD", "PD OK PD", "OK OK NF"),
+    "ListAnnotators": ("PD PD PD", "PD PD PD", "OK PD PD", "PD OK PD", "OK OK NF"),
+    # Nobody is flagged in these namespaces: past the guard the clear is NOT_FOUND.
+    "ClearAnnotatorFlag": ("PD PD PD", "PD PD PD", "NF PD PD", "PD NF PD", "NF NF NF"),
     # No namespace field: every key gets its own view (checked below).
     "GetServerStatus": ("OK OK OK", "OK OK OK", "OK OK OK", "OK OK OK", "OK OK OK"),
     "ListNamespaces": ("OK OK OK", "OK OK OK", "OK OK OK", "OK OK OK", "OK OK OK"),
@@ -122,6 +125,8 @@ def _request(client: IllumeClient, rpc: str, ns: str, world: dict):
         "GetTuningRound": lambda: client.get_round(ids["round"]),
         "ListTuningRounds": lambda: client.list_rounds(ns),
         "ListAuditEvents": lambda: client.list_audit_events(ns),
+        "ListAnnotators": lambda: client.list_annotators(ns),
+        "ClearAnnotatorFlag": lambda: client.clear_annotator_flag(ns, "nobody-flagged"),
         "GetServerStatus": lambda: client.server_status(),
         "ListNamespaces": lambda: client.list_namespaces(),
         "DeclareNamespace": lambda: client.declare_namespace(

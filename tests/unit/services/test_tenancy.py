@@ -272,6 +272,8 @@ def _requests(namespace: str) -> dict[str, Any]:
         "StartTuningRound": pb.StartTuningRoundRequest(namespace=namespace),
         "ListTuningRounds": pb.ListTuningRoundsRequest(namespace=namespace),
         "ListAuditEvents": pb.ListAuditEventsRequest(namespace=namespace),
+        "ListAnnotators": pb.ListAnnotatorsRequest(namespace=namespace),
+        "ClearAnnotatorFlag": pb.ClearAnnotatorFlagRequest(namespace=namespace, annotator_id="ann-a"),
     }
 
 
