@@ -5,7 +5,6 @@ real gRPC server's version is tests/integration/services/test_annotators.py."""
 
 from __future__ import annotations
 
-import itertools
 import random
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
-from illume.store import AdapterRegistry, FeedbackStore, FeedbackSubmission, NewCandidate, NewGeneration
+from illume.store import AdapterRegistry, FeedbackStore
 from illume.store import schema as s
 from illume.store.settings import StoreSettings
 from illume.store.types import Actor, AnnotatorFlag
@@ -28,6 +27,7 @@ from services.auth import Authenticator
 from services.config import ApiKey, AuthSettings
 from services.convert import annotator_to_pb, annotators_to_pb, cleared_flag_to_pb
 from services.servicers.base import DeclaredNamespaces
+from tests.unit.crowd import fill_judged_store
 from tests.unit.services.test_tenancy import Backend, Servicer, call, entry
 
 HONEST = ("honest-0", "honest-1", "honest-2")
@@ -105,52 +105,9 @@ def test_a_cleared_flag_reply():
 
 
 def _fill(store: FeedbackStore, namespace: str, items: int, seed: int = 3) -> None:
-    """``items`` generations of 6 candidates judged by three honest annotators (5 % slips) and one
-    who marks at random."""
-    rng, keys = random.Random(seed), itertools.count()
-    for k in range(items):
-        gen = store.record_generation(
-            NewGeneration(
-                namespace=namespace,
-                image=f"image {namespace} {k}".encode(),
-                question=f"what is shown in {k}?",
-                answer="a dog",
-                answer_generated=False,
-                candidates=[NewCandidate(f"because {k} {i}", 0.3, 3) for i in range(6)],
-                sampling={"n": 6},
-                seed=1,
-                adapter_requested="",
-                adapter_version="base",
-                model_id="tiny",
-            )
-        )
-        truth = [i == 0 or rng.random() < 0.15 for i in range(6)]
-        for annotator in (*HONEST, "random"):
-            if annotator == "random":
-                marks = [rng.random() < 0.5 for _ in truth]
-            else:
-                marks = [t != (rng.random() < 0.05) for t in truth]
-            fitting = tuple(c.candidate_id for c, m in zip(gen.candidates, marks, strict=True) if m)
-            store.submit_feedback(
-                FeedbackSubmission(
-                    generation_id=gen.generation_id,
-                    verdict="selected" if fitting else "none_fit",
-                    annotator_id=annotator,
-                    idempotency_key=f"k{next(keys)}",
-                    namespace=namespace,
-                    fitting_candidate_ids=fitting,
-                )
-            )
-        if k == 0:  # a skip decides nothing and is not counted
-            store.submit_feedback(
-                FeedbackSubmission(
-                    generation_id=gen.generation_id,
-                    verdict="skipped",
-                    annotator_id="skipper",
-                    idempotency_key=f"k{next(keys)}",
-                    namespace=namespace,
-                )
-            )
+    """``items`` generations of 6 candidates judged by three honest annotators (5 % slips), one
+    who marks at random, and a skip."""
+    fill_judged_store(store, namespace, items, (*HONEST, "random"), random.Random(seed), skipper=True)
 
 
 @pytest.fixture

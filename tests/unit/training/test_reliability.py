@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from illume.store import FeedbackStore, FeedbackSubmission, NewCandidate, NewGeneration, StoreSettings
+from illume.store import FeedbackStore, StoreSettings
 from illume.store.types import CandidateRecord, Judgement
 from illume.training import JudgedItem, SnapshotConfig, build_snapshot
 from illume.training.from_store import agreement, cleared_annotators, flagged_annotators, judged_items
@@ -21,6 +21,7 @@ from illume.training.reliability import (
     cohen_kappa,
     with_admin_clears,
 )
+from tests.unit.crowd import fill_judged_store
 
 HONEST = tuple(f"honest-{k}" for k in range(5))
 _T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -227,43 +228,10 @@ def test_apply_share_cap_keeps_an_equal_split_and_rows_vouched_for_by_two():
 
 
 def test_agreement_and_exclusion_over_a_sqlite_store(tmp_path: Path):
-    rng = random.Random(7)
-    keys = itertools.count()
     settings = StoreSettings(url=f"sqlite:///{tmp_path}/f.db", held_out_fraction=0.0)
     annotators = ("honest-0", "honest-1", "honest-2", "random")
     with FeedbackStore(settings) as store:
-        for k in range(30):
-            gen = store.record_generation(
-                NewGeneration(
-                    namespace="default",
-                    image=f"image {k}".encode(),
-                    question=f"what is shown in {k}?",
-                    answer="a dog",
-                    answer_generated=False,
-                    candidates=[NewCandidate(f"because {k} {i}", 0.3, 3) for i in range(6)],
-                    sampling={"n": 6},
-                    seed=1,
-                    adapter_requested="",
-                    adapter_version="base",
-                    model_id="tiny",
-                )
-            )
-            truth = [i == 0 or rng.random() < 0.15 for i in range(6)]
-            for annotator in annotators:
-                if annotator == "random":
-                    marks = [rng.random() < 0.5 for _ in truth]
-                else:
-                    marks = [t != (rng.random() < 0.05) for t in truth]
-                fitting = tuple(c.candidate_id for c, m in zip(gen.candidates, marks, strict=True) if m)
-                store.submit_feedback(
-                    FeedbackSubmission(
-                        generation_id=gen.generation_id,
-                        verdict="selected" if fitting else "none_fit",
-                        annotator_id=annotator,
-                        idempotency_key=f"k{next(keys)}",
-                        fitting_candidate_ids=fitting,
-                    )
-                )
+        fill_judged_store(store, "default", 30, annotators, random.Random(7))
         config = ReliabilityConfig(min_overlap_items=10)
         found = {a.annotator: a for a in agreement(store, "default", config)}
         assert [a for a, v in found.items() if v.flagged] == ["random"]
