@@ -2,7 +2,7 @@
 #   make install   virtual environment (.venv) with the pinned CPU torch, the package and dev tools
 #   make proto     regenerate the gRPC/protobuf stubs into illume/v1/ (git-ignored)
 #   make lint      ruff and buf lint
-#   make test      the whole test suite (unit, integration, e2e)
+#   make test      the whole test suite (unit, integration, e2e; installs the browser test's Chromium)
 #   make serve     run the server on the embedded default (see README)
 #   make k8s       render the Kubernetes manifests (k8s/rendered/)
 #   make default-model  rebuild the embedded default model (docs/DEFAULT_MODEL.md)
@@ -24,7 +24,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/illume/v1/*.proto)
 PROTO_OUT := illume/v1/illume_pb2.py
 
-.PHONY: install proto lint test test-unit test-integration test-e2e serve bench bench-gpu clean k8s k8s-check default-model
+.PHONY: install proto lint test browser-deps test-unit test-integration test-e2e serve bench bench-gpu clean k8s k8s-check default-model
 
 install: $(STAMP) $(PROTO_OUT)
 
@@ -52,8 +52,18 @@ lint: install node_modules/.bin/buf
 	$(VENV)/bin/ruff format --check .
 	node_modules/.bin/buf lint
 
-test: install
+test: install browser-deps
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# Debian's Chromium and ChromeDriver for the web app's browser test
+# (tests/integration/services/test_web_browser.py); installed when missing and apt-get may run.
+browser-deps:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; \
+	else echo "browser-deps: run 'apt-get install chromium chromium-driver' as root for the browser test"; fi
 
 test-unit: install
 	$(VENV)/bin/pytest -q tests/unit $(PYTEST_ARGS)
@@ -87,6 +97,7 @@ bench: install
 	mkdir -p .bench/store
 	$(PY) -m illume.store.bench --url sqlite:///.bench/store/feedback.db --writers 16 --writes 50
 	$(PY) -m illume.store.bench --url postgresql+psycopg://postgres@127.0.0.1:5432/test --writers 16 --writes 50
+	$(PY) -m tests.bench.feedback --calls 2000 --concurrency 64 --runs 3
 	$(PY) -m tests.bench.tuning --replicas 2 --judgements 1000
 	$(PY) -m tests.bench.engine $(BENCH_ENGINE_ARGS)
 	$(PY) -m tests.bench.engine_served $(BENCH_ENGINE_SERVED_ARGS)

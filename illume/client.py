@@ -275,6 +275,18 @@ class IllumeClient:
         request = self.pb.GetGenerationRequest(generation_id=generation_id, namespace=namespace)
         return self._call(self.feedback.GetGeneration, request, timeout)
 
+    def next_item(self, namespace: str = "", selection: str = "", timeout: float | None = None) -> Any:
+        """The caller's next item to judge, leased to them (a ``NextItemResponse``; ``has_item``
+        False when nothing is left; annotator role). ``selection``: "active", "random" or "" (the
+        server's mode)."""
+        request = self.pb.NextItemRequest(namespace=namespace, selection=selection)
+        return self._call(self.feedback.NextItem, request, timeout)
+
+    def get_image(self, image_sha256: str, namespace: str = "", timeout: float | None = None) -> bytes:
+        """The bytes of an image the namespace holds (annotator role)."""
+        request = self.pb.GetImageRequest(image_sha256=image_sha256, namespace=namespace)
+        return self._call(self.feedback.GetImage, request, timeout).image
+
     def stats(self, namespace: str = "", timeout: float | None = None) -> Any:
         return self._call(
             self.feedback.GetFeedbackStats, self.pb.GetFeedbackStatsRequest(namespace=namespace), timeout
@@ -387,6 +399,21 @@ class IllumeClient:
         """Clear an annotator's reliability flag (audited; NOT_FOUND when none is set)."""
         request = self.pb.ClearAnnotatorFlagRequest(namespace=namespace, annotator_id=annotator_id)
         return self._call(self.admin.ClearAnnotatorFlag, request, timeout)
+
+    def who_am_i(self, timeout: float | None = None) -> Any:
+        """The calling key: principal, role, namespaces (a ``WhoAmIResponse``; any role)."""
+        return self._call(self.admin.WhoAmI, self.pb.WhoAmIRequest(), timeout)
+
+    def add_pool_items(
+        self, items: Sequence[tuple[bytes, str, str]], namespace: str = "", timeout: float | None = None
+    ) -> Any:
+        """Add (image bytes, question, answer or "") items to the namespace's judging pool (an
+        ``AddPoolItemsResponse``; admin role)."""
+        request = self.pb.AddPoolItemsRequest(
+            namespace=namespace,
+            items=[self.pb.PoolItem(image=image, question=q, answer=a) for image, q, a in items],
+        )
+        return self._call(self.admin.AddPoolItems, request, timeout)
 
 
 class _RetryingStream:

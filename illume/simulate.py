@@ -6,6 +6,12 @@ with a critic (the fact critic, or the paper's ROUGE-L critic against the gold r
 submits the judgements with SubmitFeedback, asks for a tuning round (StartTuningRound) and waits
 for it, then measures the production adapter on val items under the fact critic. It prints one
 table row per round. Like ``illume.client`` it talks only to the wire API.
+
+With ``select`` ("active" or "random") it plays an annotator of the judging queue instead of
+judging everything it generated: each round it sends ``traffic`` times as many generations as it
+judges (client traffic, logged), then takes ``pool_per_round`` items from NextItem with that
+selection and judges those. The judgement count is the same either way, so the rounds' results
+compare what the queue's choice of items is worth.
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ class Simulator:
         concurrency: int = 8,
         namespace: str = "",
         log: Callable[[str], None] = print,
+        select: str = "",
+        traffic: int = 3,
     ) -> None:
         self.client = client
         self.critic = make_critic(critic)
@@ -68,34 +76,68 @@ class Simulator:
         self.concurrency = concurrency
         self.namespace = namespace
         self.log = log
+        self.select = select
+        self.traffic = traffic
+        self.generated: dict[str, VQAXItem] = {}  # generation id -> the item it was generated for
+
+    def _generate_for(self, item: VQAXItem) -> Any:
+        """Candidates for ``item`` with its gold answer (logged by the server)."""
+        return self.client.generate(
+            _image_bytes(item), item.question, item.answer, n=self.n, namespace=self.namespace, timeout=600
+        )
 
     def feedback_round(self, items: list[VQAXItem], round_index: int) -> tuple[int, int]:
         """Generate for ``items``, judge, submit; returns (feedback submitted, accepted candidates)."""
 
         def one(item: VQAXItem) -> tuple[int, int]:
-            reply = self.client.generate(
-                _image_bytes(item),
-                item.question,
-                item.answer,
-                n=self.n,
-                namespace=self.namespace,
-                timeout=600,
-            )
-            verdicts = self.critic.judge_all([c.text for c in reply.candidates], critic_input(item))
-            fitting = [c.candidate_id for c, v in zip(reply.candidates, verdicts, strict=True) if v.accepted]
-            self.client.submit_feedback(
-                reply.generation_id,
-                fitting=fitting,
-                none_fit=not fitting,
-                answer_correct=True,
-                idempotency_key=f"sim-{round_index}-{reply.generation_id}",
-                namespace=self.namespace,
-            )
-            return 1, len(fitting)
+            return 1, self._judge(self._generate_for(item), item, round_index)
 
         with ThreadPoolExecutor(self.concurrency) as pool:
             results = list(pool.map(one, items))
         return sum(r[0] for r in results), sum(r[1] for r in results)
+
+    def _judge(self, generation: Any, item: VQAXItem, round_index: int) -> int:
+        """Judge a generation's candidates with the critic and submit; returns the fitting count."""
+        verdicts = self.critic.judge_all([c.text for c in generation.candidates], critic_input(item))
+        fitting = [c.candidate_id for c, v in zip(generation.candidates, verdicts, strict=True) if v.accepted]
+        self.client.submit_feedback(
+            generation.generation_id,
+            fitting=fitting,
+            none_fit=not fitting,
+            answer_correct=True,
+            idempotency_key=f"sim-{round_index}-{generation.generation_id}",
+            namespace=self.namespace,
+        )
+        return len(fitting)
+
+    def log_traffic(self, items: list[VQAXItem]) -> None:
+        """Generate for ``items`` as client traffic (logged, not judged here)."""
+
+        def one(item: VQAXItem) -> None:
+            self.generated[self._generate_for(item).generation_id] = item
+
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            list(pool.map(one, items))
+
+    def judge_from_queue(self, budget: int, round_index: int) -> tuple[int, int]:
+        """Judge up to ``budget`` items the queue hands out (``select``); (judged, accepted)."""
+        judged = accepted = 0
+        while judged < budget:
+            handed = self.client.next_item(self.namespace, selection=self.select, timeout=600)
+            if not handed.has_item:
+                break
+            item = self.generated.get(handed.generation.generation_id)
+            if item is None:  # another client's generation: not ours to judge
+                self.client.submit_feedback(
+                    handed.generation.generation_id,
+                    skipped=True,
+                    idempotency_key=f"sim-skip-{handed.generation.generation_id}",
+                    namespace=self.namespace,
+                )
+                continue
+            accepted += self._judge(handed.generation, item, round_index)
+            judged += 1
+        return judged, accepted
 
     def _wait(self, round_id: str, deadline: float) -> Any:
         record = self.client.get_round(round_id, timeout=30)
@@ -180,9 +222,14 @@ class Simulator:
         )
         self.log(format_row(rows[0]))
         for r in range(1, rounds + 1):
-            batch = pool[(r - 1) * pool_per_round : r * pool_per_round]
             row = RoundRow(round=r)
-            row.feedback, row.accepted = self.feedback_round(batch, r)
+            if self.select:
+                per_round = pool_per_round * self.traffic
+                self.log_traffic(pool[(r - 1) * per_round : r * per_round])
+                row.feedback, row.accepted = self.judge_from_queue(pool_per_round, r)
+            else:
+                batch = pool[(r - 1) * pool_per_round : r * pool_per_round]
+                row.feedback, row.accepted = self.feedback_round(batch, r)
             record = self.run_tuning_round()
             row.state, row.reason = record.state, record.reason
             row.rationale_rows, row.answer_rows = record.rationale_rows, record.answer_rows

@@ -132,3 +132,17 @@ def build_generate_request(
         adapter=adapter or None,
         image_sha256=image_sha256(image),
     )
+
+
+def validate_pool_item(
+    limits: RequestLimits, image: bytes, question: str, answer: str, index: int
+) -> tuple[str, str]:
+    """A pool item's question and answer as Generate would take them (the image decoded once to
+    check it); ``InvalidRequest`` names the item's index."""
+    try:
+        question = _text(question, "question", limits.max_question_chars, required=True)
+        answer = _text(answer, "answer", limits.max_answer_chars, required=False)
+        decode_image(image, limits.image)
+    except InvalidRequest as error:
+        raise InvalidRequest(f"pool item {index}: {error.reason}") from None
+    return question, answer

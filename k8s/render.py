@@ -87,7 +87,8 @@ def serve_config(app_config: dict[str, Any]) -> dict[str, Any]:
     config = AppConfig.model_validate(app_config)
     rendered = {
         "proxy_location": "EveryNode",
-        # Serve's HTTP proxy only answers KubeRay's health checks (/-/healthz); the API is gRPC.
+        # Serve's HTTP proxy: the annotation web app (services/web.py) and the pods' health checks
+        # (/-/healthz); the API is gRPC.
         "http_options": {"host": "0.0.0.0", "port": 8000},
         "grpc_options": {
             "port": DEFAULT_GRPC_PORT,

@@ -32,10 +32,16 @@ def actor_options(config: AppConfig, num_cpus: float, **more: Any) -> dict[str, 
     return options
 
 
+def logging_config(config: AppConfig) -> dict[str, Any]:
+    """Every deployment's Serve logging options (the access log is a config switch)."""
+    return {"enable_access_log": config.access_log}
+
+
 def generator_options(config: AppConfig) -> dict[str, Any]:
     g = config.generator
     options: dict[str, Any] = {
         "name": "Generator",
+        "logging_config": logging_config(config),
         "max_ongoing_requests": g.max_ongoing_requests,
         "max_queued_requests": g.max_queued_requests,
         "ray_actor_options": actor_options(config, g.num_cpus, num_gpus=g.num_gpus),
@@ -63,17 +69,22 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
         name="FeedbackLog",
         num_replicas=1,  # the single writer of generations and feedback
         max_ongoing_requests=config.feedback_log.max_ongoing_requests,
+        logging_config=logging_config(config),
         ray_actor_options=actor_options(config, config.feedback_log.num_cpus),
         graceful_shutdown_timeout_s=config.ingress.shutdown_grace_s,
-    ).bind(config.feedback_log)
+    ).bind(config.feedback_log, config.selection)
     loop_controller = None
     if config.tuning.enabled:
         loop_controller = LoopController.options(
-            name="LoopController", num_replicas=1, ray_actor_options=actor_options(config, 0.1)
+            name="LoopController",
+            num_replicas=1,
+            ray_actor_options=actor_options(config, 0.1),
+            logging_config=logging_config(config),
         ).bind(config)
     return Ingress.options(
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
+        logging_config=logging_config(config),
         ray_actor_options=actor_options(config, config.ingress.num_cpus),
         graceful_shutdown_timeout_s=config.ingress.shutdown_grace_s,
     ).bind(config, generator, feedback_log, loop_controller)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from illume.evaluation.gate import GateConfig
 from illume.models.loading import ModelSettings
+from illume.selection import SelectionConfig
 from illume.store.settings import StoreSettings
 from illume.training.round import TrainConfig
 from illume.training.snapshot import SnapshotConfig
@@ -152,6 +153,36 @@ class IngressSettings(_Settings):
     )
 
 
+class WebSettings(_Settings):
+    """The annotation web app, served over HTTP by the Ingress deployment (services/web.py)."""
+
+    enabled: bool = Field(True, description="Serve the judging and admin pages over HTTP.")
+    session_secret_file: Path | None = Field(
+        None,
+        description="A file of at least 32 random bytes that encrypts and signs session cookies; every "
+        "Ingress replica must read the same one (a mounted Secret on Kubernetes). Absent: a random "
+        "secret per replica, so sessions end when the replica restarts and only one replica works.",
+    )
+    session_ttl_s: float = Field(
+        8 * 3600.0, gt=0, le=7 * 24 * 3600, description="A session ends this long after sign-in."
+    )
+    cookie_secure: bool = Field(
+        False,
+        description="Mark the session cookie Secure (sent over HTTPS only); set behind a TLS gateway.",
+    )
+    sign_in_attempts_per_minute: int = Field(
+        10, ge=1, le=1000, description="Sign-in attempts allowed per client address per minute (per replica)."
+    )
+    forwarded_for_hops: int = Field(
+        0,
+        ge=0,
+        le=5,
+        description="Proxies in front of Serve whose X-Forwarded-For entries are trusted (the TLS gateway "
+        "on Kubernetes: 1). The sign-in rate limit counts per the address that many entries from the "
+        "right; 0 counts per TCP peer (then everyone behind one proxy shares one limit).",
+    )
+
+
 class TuningSettings(_Settings):
     """Continual tuning: when rounds start, how they train, where they run."""
 
@@ -240,6 +271,10 @@ class AppConfig(_Settings):
         description="fsspec storage options of an s3:// artifact store (endpoint_url, ...).",
     )
     tuning: TuningSettings = Field(default_factory=TuningSettings, description="Continual tuning.")
+    web: WebSettings = Field(default_factory=WebSettings, description="The annotation web app (HTTP).")
+    selection: SelectionConfig = Field(
+        default_factory=SelectionConfig, description="The judging queue (NextItem)."
+    )
     namespaces: list[str] = Field(
         default_factory=lambda: ["default"],
         description="Namespaces declared at start (added to those already declared in the store; "
@@ -258,6 +293,12 @@ class AppConfig(_Settings):
     )
     server_version: str = Field(
         "", description="Reported by GetServerStatus; the package version when empty."
+    )
+    access_log: bool = Field(
+        False,
+        description="Serve's access log: one INFO line per request in every replica's log. Off by "
+        "default: on 2 cores it cost about a fifth of the feedback rate (docs/BENCHMARKS.md, "
+        "'Feedback throughput'); requests are counted in the metrics either way.",
     )
 
     @model_validator(mode="after")

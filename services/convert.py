@@ -12,6 +12,7 @@ from typing import Any
 
 from illume.errors import InvalidRequest
 from illume.generation.generator import CandidateOut, GenerateRequest, SamplingParams
+from illume.store.queue import HandedItem, NewPoolItem
 from illume.store.types import (
     AdapterFeedbackStats,
     AdapterRecord,
@@ -160,7 +161,27 @@ def _adapter_stats_to_pb(stats: AdapterFeedbackStats) -> pb.AdapterFeedbackStats
         accepted_generations=stats.accepted_generations,
         judged_candidates=stats.judged_candidates,
         accepted_candidates=stats.accepted_candidates,
+        answers_judged=stats.answers_judged,
+        answers_correct=stats.answers_correct,
+        first_generation_at=stats.first_generation_at,
     )
+
+
+def handed_item_to_pb(item: HandedItem | None) -> pb.NextItemResponse:
+    if item is None:
+        return pb.NextItemResponse(has_item=False)
+    return pb.NextItemResponse(
+        has_item=True,
+        generation=generation_to_pb(item.generation),
+        lease_expires_at=rfc3339(item.lease_expires_at),
+        reason=item.reason,
+        score=item.score,
+        remaining=item.remaining,
+    )
+
+
+def pool_items_from_pb(request: pb.AddPoolItemsRequest) -> list[NewPoolItem]:
+    return [NewPoolItem(image=i.image, question=i.question, answer=i.answer) for i in request.items]
 
 
 def stats_to_pb(stats: FeedbackStats) -> pb.FeedbackStats:

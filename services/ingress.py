@@ -4,6 +4,14 @@ It combines one servicer per proto service (method names equal RPC names, as Ser
 requires), authenticates every call from the metadata, validates through the core request types
 and routes to the Generator and FeedbackLog deployments through their handles.
 
+It also serves the annotation web app over HTTP (services/web.py; ``serve.ingress`` with the app
+built per replica by ``__serve_build_asgi_app__``). A Serve application has one ingress, and Serve's
+gRPC proxy routes a call that names no application only while exactly one application runs, so
+a second application for the web would break every gRPC client that does not send the
+``application`` metadata; the pages are served here instead. They call the RPC methods of this
+replica in-process through ``call_rpc``, with the session's key, so every check a gRPC call gets
+(key, role, namespace, audit, drain) applies to them unchanged.
+
 At start it declares the configured namespaces (``AppConfig.namespaces``; audited when new) and
 loads the keys; the keys file is re-read on change and each reload is audited as ``keys.reload``
 (one event per Ingress replica that reloads).
@@ -39,18 +47,28 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+import grpc
 from ray import serve
 
 import illume
 from illume.store.registry import AdapterRegistry
 from illume.store.types import Actor
+from illume.v1 import illume_pb2 as pb
 from illume.validation import validate_namespace
 from services.auth import Authenticator
 from services.config import AppConfig
 from services.servicers.admin import AdminServicer
 from services.servicers.base import DeclaredNamespaces, Drain
-from services.servicers.feedback import FeedbackServicer
+from services.servicers.feedback import FeedbackServicer, SubmissionBatcher
 from services.servicers.rationale import RationaleServicer
+
+# The unary RPCs of the proto (the web app's calls go only to these).
+UNARY_RPCS = frozenset(
+    m.name
+    for service in pb.DESCRIPTOR.services_by_name.values()
+    for m in service.methods
+    if not m.server_streaming and not m.client_streaming
+)
 
 
 def drain_when_serve_stops_this_replica(drain: Drain) -> None:
@@ -78,9 +96,39 @@ def drain_when_serve_stops_this_replica(drain: Drain) -> None:
     cls.perform_graceful_shutdown = perform_graceful_shutdown
 
 
+async def web_disabled(scope: dict, receive: Any, send: Any) -> None:
+    """The ASGI app of a server with the web app switched off: 404 for every HTTP request."""
+    if scope["type"] != "http":
+        return
+    body = b"the annotation web app is disabled on this server (web.enabled: false)\n"
+    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 404, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class WebCallContext:
+    """The part of a gRPC servicer context the RPC methods use, for calls made by the web app:
+    the session's key as ``authorization`` metadata in, the status code and details out."""
+
+    def __init__(self, api_key: str) -> None:
+        self._metadata = (("authorization", f"Bearer {api_key}"),)
+        self.code: grpc.StatusCode = grpc.StatusCode.OK
+        self.details = ""
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+
 @serve.deployment
+@serve.ingress()
 class Ingress(RationaleServicer, FeedbackServicer, AdminServicer):
-    """RationaleService + FeedbackService + AdminService."""
+    """RationaleService + FeedbackService + AdminService, and the web app over HTTP."""
 
     def __init__(
         self, config: AppConfig, generator: Any, feedback_log: Any, loop_controller: Any = None
@@ -97,8 +145,32 @@ class Ingress(RationaleServicer, FeedbackServicer, AdminServicer):
         self.auth = Authenticator(config.auth, on_reload=self._audit_key_reload)
         self.generator = generator
         self.feedback_log = feedback_log
+        self.feedback_batcher = SubmissionBatcher(self._send_feedback)
         self.store_backend = config.feedback_log.store.backend
         self.server_version = config.server_version or illume.__version__
+
+    async def _send_feedback(self, submissions: list[Any]) -> list[Any]:
+        return await self.feedback_log.submit_feedback_batch.remote(submissions)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        if not self.config.web.enabled:
+            return web_disabled
+        from services.web import create_web_app
+
+        return create_web_app(self, self.config.web)
+
+    async def call_rpc(self, method: str, request: Any, api_key: str) -> Any:
+        """Run the unary RPC ``method`` as a gRPC call with ``api_key`` would run; raise
+        ``services.web.RpcFailed`` with its status name and reason when it does not end OK."""
+        from services.web import RpcFailed
+
+        if method not in UNARY_RPCS:
+            raise RpcFailed("UNIMPLEMENTED", f"{method} is not a unary RPC of this server")
+        context = WebCallContext(api_key)
+        reply = await getattr(self, method)(request, context)
+        if context.code != grpc.StatusCode.OK:
+            raise RpcFailed(context.code.name, context.details)
+        return reply
 
     def _audit_key_reload(self, event: Mapping[str, Any]) -> None:
         # Off the event loop: the reload happens inside a call's authentication.

@@ -104,6 +104,22 @@ def ensure_local_keys(data_dir: Path) -> Path:
     return hashed
 
 
+WEB_SECRET_BYTES = 32
+DEFAULT_HTTP_PORT = 8080
+
+
+def ensure_web_secret(data_dir: Path) -> Path:
+    """The session secret of the web app under ``<data>/keys/`` (mode 0600), created once, so that
+    sessions survive a restart of the local server."""
+    path = data_dir / "keys" / "web-session.secret"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(secrets.token_bytes(WEB_SECRET_BYTES))
+    return path
+
+
 # The embedded model's replay pool: world questions of a seed no evaluation or simulation uses.
 REPLAY_WORLD_SEED = 7
 REPLAY_WORLD_ITEMS = 2000
@@ -138,6 +154,9 @@ def local_config(data_dir: Path, model_dir: Path | None, config_file: Path | Non
         config = config.model_copy(
             update={"auth": config.auth.model_copy(update={"keys_file": ensure_local_keys(data_dir)})}
         )
+    if config.web.enabled and config.web.session_secret_file is None:
+        web = config.web.model_copy(update={"session_secret_file": ensure_web_secret(data_dir)})
+        config = config.model_copy(update={"web": web})
     return config
 
 
@@ -228,12 +247,18 @@ def grpc_options(port: int):
 
 
 def start(
-    config: AppConfig, grpc_port: int, num_cpus: int, dashboard: bool = True, host: str = DEFAULT_HOST
+    config: AppConfig,
+    grpc_port: int,
+    num_cpus: int,
+    dashboard: bool = True,
+    host: str = DEFAULT_HOST,
+    http_port: int = DEFAULT_HTTP_PORT,
 ) -> None:
     """Start Ray and the Serve application; returns once every deployment is healthy.
 
-    When this starts the cluster, Ray's ports listen on loopback and the gRPC proxy on ``host``;
-    a cluster started before by the caller keeps its own binding."""
+    When this starts the cluster, Ray's ports listen on loopback and the gRPC proxy and (with the
+    web app on) the HTTP proxy on ``host``; a cluster started before by the caller keeps its own
+    binding."""
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(DEFAULT_GRPC_MAX_MESSAGE_BYTES))
     import ray
 
@@ -253,7 +278,12 @@ def start(
                 runtime_env=local_runtime_env(host),
             )
         config = with_local_jobs_api(config, context.dashboard_url)
-    serve.start(http_options={"host": LOOPBACK, "port": 0}, grpc_options=grpc_options(grpc_port))
+    http = {"host": host, "port": http_port} if config.web.enabled else {"host": LOOPBACK, "port": 0}
+    serve.start(
+        http_options=http,
+        grpc_options=grpc_options(grpc_port),
+        logging_config={"enable_access_log": config.access_log},
+    )
     serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX)
 
 
@@ -405,7 +435,14 @@ def drain_before_stop(grace_s: float, interrupted: threading.Event) -> None:
     print(f"illume: drained in {time.monotonic() - started:.1f} s, {outcome}", flush=True)
 
 
-def print_ready_line(config: AppConfig, data_dir: Path, host: str, grpc_port: int) -> None:
+def web_address(host: str, port: int) -> str:
+    """The URL of the web app as a browser on this machine reaches it."""
+    return f"http://{client_target(host, port)}/"
+
+
+def print_ready_line(
+    config: AppConfig, data_dir: Path, host: str, grpc_port: int, http_port: int = DEFAULT_HTTP_PORT
+) -> None:
     """Wait until the server answers, then print where it listens and how to call it."""
     from illume.client import IllumeClient
 
@@ -421,6 +458,12 @@ def print_ready_line(config: AppConfig, data_dir: Path, host: str, grpc_port: in
         f"  keys: {data_dir / 'keys'}/{{client,annotator,admin}}.key",
         flush=True,
     )
+    if config.web.enabled:
+        print(
+            f"  web: annotation app on {web_address(host, http_port)} (sign in with "
+            f"{data_dir / 'keys'}/annotator.key or admin.key)",
+            flush=True,
+        )
 
 
 def run_forever(
@@ -431,6 +474,7 @@ def run_forever(
     num_cpus: int,
     config: AppConfig | None = None,
     host: str = DEFAULT_HOST,
+    http_port: int = DEFAULT_HTTP_PORT,
 ) -> int:
     """``illume serve``: start, print the ready line, wait for Ctrl-C or SIGTERM, drain, stop
     (``config``: the one to serve, else ``local_config``'s; ``host``: where the gRPC proxy
@@ -439,8 +483,12 @@ def run_forever(
     config = config or local_config(data_dir, model_dir, config_file)
     try:
         ensure_port_free(grpc_port)
+        if config.web.enabled:
+            ensure_port_free(http_port, "HTTP port")
     except RuntimeError as error:
-        print(f"illume serve: {error}; stop the other server or pass --grpc-port", file=sys.stderr)
+        print(
+            f"illume serve: {error}; stop the other server or pass --grpc-port/--http-port", file=sys.stderr
+        )
         return 2
     try:
         # Only rounds need the agent (their jobs go through it); a server without tuning may share
@@ -457,9 +505,9 @@ def run_forever(
     stop_requests = StopRequests()
     signal.signal(signal.SIGTERM, stop_requests)  # Ctrl-C while starting stays KeyboardInterrupt
     try:
-        start(config, grpc_port, num_cpus, host=host)
+        start(config, grpc_port, num_cpus, host=host, http_port=http_port)
         stop_requests.install()  # a SIGTERM that came while Serve was starting is kept
-        print_ready_line(config, data_dir, host, grpc_port)
+        print_ready_line(config, data_dir, host, grpc_port, http_port)
         while not stop_requests.first.wait(0.5):
             pass
         drain_before_stop(config.ingress.shutdown_grace_s, stop_requests.second)
@@ -557,10 +605,13 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--host",
         default=DEFAULT_HOST,
-        help="address the gRPC proxy listens on (default 127.0.0.1; 0.0.0.0 or :: for every "
-        "interface); Ray's own ports stay on loopback",
+        help="address the gRPC and HTTP proxies listen on (default 127.0.0.1; 0.0.0.0 or :: for "
+        "every interface); Ray's own ports stay on loopback",
     )
     parser.add_argument("--grpc-port", type=int, default=50051)
+    parser.add_argument(
+        "--http-port", type=int, default=DEFAULT_HTTP_PORT, help="port of the annotation web app (HTTP)"
+    )
     parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the local Ray cluster")
     parser.set_defaults(func=_serve)
 
@@ -572,4 +623,13 @@ def _serve(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     config = app_config(args)
-    return run_forever(data_dir, None, None, args.grpc_port, args.num_cpus, config=config, host=args.host)
+    return run_forever(
+        data_dir,
+        None,
+        None,
+        args.grpc_port,
+        args.num_cpus,
+        config=config,
+        host=args.host,
+        http_port=args.http_port,
+    )

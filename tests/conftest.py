@@ -72,12 +72,23 @@ def ray_cluster(metrics_port, dashboard_port):
 
 
 @pytest.fixture(scope="session")
-def grpc_port(ray_cluster) -> int:
-    """Serve started once with its gRPC proxy (the illume servicers) on a free port."""
+def serve_ports(ray_cluster) -> tuple[int, int]:
+    """Serve started once with its gRPC proxy (the illume servicers) and its HTTP proxy (the web
+    app) on free loopback ports: (gRPC, HTTP)."""
     from ray import serve
 
     from services.local import grpc_options
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()}, grpc_options=grpc_options(port))
-    return port
+    grpc, http = free_port(), free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": http}, grpc_options=grpc_options(grpc))
+    return grpc, http
+
+
+@pytest.fixture(scope="session")
+def grpc_port(serve_ports) -> int:
+    return serve_ports[0]
+
+
+@pytest.fixture(scope="session")
+def http_port(serve_ports) -> int:
+    return serve_ports[1]

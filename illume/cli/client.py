@@ -102,6 +102,27 @@ def _feedback(client, args: argparse.Namespace) -> int:
     return 0
 
 
+POOL_BATCH = 100
+
+
+def _add_pool(client, args: argparse.Namespace) -> int:
+    """Upload a VQA-X file's items (image, question, majority answer unless --no-answer) to the
+    namespace's judging pool, in batches of POOL_BATCH."""
+    from illume.data.vqax import load_vqax
+
+    items = load_vqax(args.vqax, args.image_dir)[: args.limit or None]
+    added = present = pending = 0
+    for start in range(0, len(items), POOL_BATCH):
+        batch = [
+            (item.image_path.read_bytes(), item.question, "" if args.no_answer else item.answer)
+            for item in items[start : start + POOL_BATCH]
+        ]
+        reply = client.add_pool_items(batch, namespace=args.namespace, timeout=args.timeout)
+        added, present, pending = added + reply.added, present + reply.already_present, reply.pending
+    print(f"added {added}, already present {present}; {pending} pool items wait to be judged")
+    return 0
+
+
 def _printing(call):
     def verb(client, args: argparse.Namespace) -> int:
         _print_message(call(client, args))
@@ -139,6 +160,9 @@ VERBS = {
         "admin",
     ),
     "annotators": (_printing(lambda c, a: c.list_annotators(a.namespace, timeout=a.timeout)), "admin"),
+    "whoami": (_printing(lambda c, a: c.who_am_i(timeout=a.timeout)), "client"),
+    "next-item": (_printing(lambda c, a: c.next_item(a.namespace, timeout=a.timeout)), "annotator"),
+    "add-pool": (_add_pool, "admin"),
     "clear-annotator-flag": (
         _printing(lambda c, a: c.clear_annotator_flag(a.namespace, a.annotator_id, timeout=a.timeout)),
         "admin",
@@ -183,5 +207,12 @@ def configure(p: argparse.ArgumentParser) -> None:
             v.add_argument("name", help="the namespace to declare")
         elif name == "audit":
             v.add_argument("--limit", type=int, default=20, help="events to show (1-100), newest first")
+        elif name == "add-pool":
+            v.add_argument("--vqax", required=True, help="a VQA-X JSON file (images/ beside it)")
+            v.add_argument(
+                "--image-dir", default=None, help="where its images are (default: images/ beside it)"
+            )
+            v.add_argument("--limit", type=int, default=0, help="upload only the first N items")
+            v.add_argument("--no-answer", action="store_true", help="let the model answer")
         elif name == "clear-annotator-flag":
             v.add_argument("annotator_id", help="the flagged annotator (see 'illume client annotators')")

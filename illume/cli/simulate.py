@@ -24,7 +24,14 @@ def run(args: argparse.Namespace) -> int:
         build_world(world, {"train": args.train, "val": args.val, "test": 0}, seed=args.seed)
     train, val = load_vqax(world / "train.json"), load_vqax(world / "val.json")[: args.val]
     with connect(args) as client:
-        simulator = Simulator(client, critic=args.critic, n=args.n, namespace=args.namespace)
+        simulator = Simulator(
+            client,
+            critic=args.critic,
+            n=args.n,
+            namespace=args.namespace,
+            select=args.select or "",
+            traffic=args.traffic,
+        )
         print(HEADER)
         simulator.run(train, val, args.rounds, args.pool, seed=args.seed)
     return 0
@@ -41,4 +48,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--critic", choices=["fact", "rouge_l"], default="fact")
     p.add_argument("--n", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--select",
+        choices=["active", "random"],
+        default=None,
+        help="judge --pool items per round handed out by the judging queue (NextItem) with this "
+        "selection, out of --traffic x --pool generations logged per round (default: judge every "
+        "generation)",
+    )
+    p.add_argument("--traffic", type=int, default=3, help="with --select: generations logged per judged item")
     p.set_defaults(func=run, role="admin")

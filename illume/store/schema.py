@@ -356,6 +356,51 @@ annotator_flags = Table(
 )
 
 FLAG_TABLES = (annotator_flags,)
+
+# --- the judging queue (migration 6) ------------------------------------------------------------
+
+# One row per (generation, annotator) ever handed out by NextItem: an annotator is never handed the
+# same generation twice, and while ``expires_at`` (epoch seconds) is ahead the item is reserved for
+# them (others get it only as an overlap item). Deleted with the generation.
+item_leases = Table(
+    "item_leases",
+    metadata,
+    Column(
+        "generation_id",
+        String(64),
+        ForeignKey("generations.generation_id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("annotator_id", String(128), nullable=False),
+    Column("namespace", String(128), nullable=False),
+    Column("reason", String(16), nullable=False),
+    Column("score", Float, nullable=False),
+    Column("handed_at", Timestamp, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    PrimaryKeyConstraint("generation_id", "annotator_id"),
+    Index("ix_item_leases_ns_annotator", "namespace", "annotator_id"),
+)
+
+# Items an admin uploaded to be judged: generated on demand (``generation_id`` set once they are;
+# ``claimed_until`` reserves a pending item while one NextItem call generates it). The image is
+# kept like a generation's (``images`` table or the image directory) under its sha256.
+pool_items = Table(
+    "pool_items",
+    metadata,
+    Column("item_id", String(64), primary_key=True),
+    Column("namespace", String(128), nullable=False),
+    Column("image_sha256", String(64), nullable=False),
+    Column("question", Text, nullable=False),
+    Column("answer", Text, nullable=False),
+    Column("added_at", Timestamp, nullable=False),
+    Column("added_by", String(256), nullable=False),
+    Column("claimed_until", Float, nullable=True),
+    Column("generation_id", String(64), nullable=True),
+    UniqueConstraint("namespace", "image_sha256", "question", name="uq_pool_item"),
+    Index("ix_pool_items_pending", "namespace", "generation_id"),
+)
+
+QUEUE_TABLES = (item_leases, pool_items)
 DEFAULT_NAMESPACE = "default"
 
 
@@ -407,6 +452,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "declared namespaces, audit", _declare_namespaces_in_use),
     Migration(4, "generator replica heartbeats", _create(REPLICA_TABLES)),
     Migration(5, "annotator flags", _create(FLAG_TABLES)),
+    Migration(6, "judging queue: item leases, pool items", _create(QUEUE_TABLES)),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

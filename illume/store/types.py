@@ -215,6 +215,10 @@ class FeedbackReceipt:
     feedback_id: str
     duplicate: bool
     revision: int
+    # What the write read anyway, for the caller's metrics (no second read): the generation's
+    # candidate count and adapter version. Zero and "" on a duplicate.
+    candidates: int = 0
+    adapter_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,9 @@ class AdapterFeedbackStats:
     accepted_generations: int = 0
     judged_candidates: int = 0
     accepted_candidates: int = 0
+    answers_judged: int = 0
+    answers_correct: int = 0
+    first_generation_at: str = ""  # RFC 3339 UTC; "" when the version has no generation
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,13 @@ from typing import Any
 from illume.adapters import ALIASES, CANARY, PRODUCTION
 from illume.errors import FailedPrecondition, InvalidRequest, NotFound, PermissionDenied
 from illume.store import FeedbackStore
+from illume.store.queue import MAX_POOL_ITEMS_PER_CALL, NewPoolItem
 from illume.store.registry import AdapterRegistry
 from illume.store.types import AnnotatorFlag
 from illume.training.reliability import AnnotatorAgreement
 from illume.training.snapshot import SnapshotConfig
 from illume.v1 import illume_pb2 as pb
-from illume.validation import RequestLimits, validate_namespace
+from illume.validation import RequestLimits, validate_namespace, validate_pool_item
 from services.auth import Caller
 from services.convert import (
     adapter_to_pb,
@@ -89,6 +90,7 @@ class AdminServicer(ServicerBase):
     """Operators' calls."""
 
     generator: Any
+    feedback_log: Any
     loop_controller: Any
     registry: AdapterRegistry
     limits: RequestLimits
@@ -226,6 +228,38 @@ class AdminServicer(ServicerBase):
         return pb.ListNamespacesResponse(
             namespaces=[namespace_to_pb(r) for r in records if caller.may_use(r.name)]
         )
+
+    @rpc("client", pb.WhoAmIResponse, namespace=None)
+    async def WhoAmI(self, request: pb.WhoAmIRequest, grpc_context: Any, caller: Caller) -> pb.WhoAmIResponse:
+        records = await asyncio.to_thread(self.registry.list_namespaces)
+        return pb.WhoAmIResponse(
+            principal=caller.principal,
+            role=caller.role,
+            namespaces=[r.name for r in records if caller.may_use(r.name)],
+            key_id=caller.key_id,
+        )
+
+    @rpc("admin", pb.AddPoolItemsResponse)
+    async def AddPoolItems(
+        self, request: pb.AddPoolItemsRequest, grpc_context: Any, caller: Caller
+    ) -> pb.AddPoolItemsResponse:
+        namespace = validate_namespace(request.namespace, self.limits)
+        if not 1 <= len(request.items) <= MAX_POOL_ITEMS_PER_CALL:
+            raise InvalidRequest(
+                f"give 1-{MAX_POOL_ITEMS_PER_CALL} pool items per call, not {len(request.items)}"
+            )
+        items = await asyncio.to_thread(self._valid_pool_items, request)
+        upload = await self.feedback_log.add_pool_items.remote(namespace, items, caller.principal)
+        return pb.AddPoolItemsResponse(
+            added=upload.added, already_present=upload.already_present, pending=upload.pending
+        )
+
+    def _valid_pool_items(self, request: pb.AddPoolItemsRequest) -> list[NewPoolItem]:
+        items = []
+        for k, item in enumerate(request.items):
+            question, answer = validate_pool_item(self.limits, item.image, item.question, item.answer, k)
+            items.append(NewPoolItem(image=item.image, question=question, answer=answer))
+        return items
 
     @rpc("admin", pb.ListAuditEventsResponse, namespace=None)
     async def ListAuditEvents(

@@ -70,6 +70,8 @@ class DeclaredNamespaces:
     A cached set of names; a name not in it makes the set be re-read from the store, at most once
     per ``refresh_s`` (so a name declared through another replica is seen within ``refresh_s``, and
     a flood of undeclared names costs one read per ``refresh_s``). Names are never undeclared.
+    Calls that arrive while a read is under way wait for it: the first burst of calls to a new
+    replica once got NOT_FOUND for declared names, answered from the still empty set.
     """
 
     def __init__(self, load: Callable[[], frozenset[str]], refresh_s: float) -> None:
@@ -77,6 +79,7 @@ class DeclaredNamespaces:
         self._refresh_s = refresh_s
         self._names: frozenset[str] = frozenset()
         self._loaded_at = float("-inf")
+        self._reading: asyncio.Future | None = None
 
     def add(self, name: str) -> None:
         self._names = self._names | {name}
@@ -84,11 +87,18 @@ class DeclaredNamespaces:
     async def contains(self, name: str) -> bool:
         if name in self._names:
             return True
-        now = time.monotonic()
-        if now - self._loaded_at >= self._refresh_s:
-            self._loaded_at = now
-            self._names = self._names | await asyncio.to_thread(self._load)
+        if self._reading is None and time.monotonic() - self._loaded_at >= self._refresh_s:
+            self._loaded_at = time.monotonic()
+            self._reading = asyncio.ensure_future(self._read())
+        if self._reading is not None:
+            await asyncio.shield(self._reading)
         return name in self._names
+
+    async def _read(self) -> None:
+        try:
+            self._names = self._names | await asyncio.to_thread(self._load)
+        finally:
+            self._reading = None
 
 
 class Drain:

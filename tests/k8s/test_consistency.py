@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from typing import Any
@@ -126,29 +127,39 @@ def _envoy(docs) -> dict[str, Any]:
     return yaml.safe_load(config["data"]["envoy.yaml"])
 
 
-def _upstream_service(docs) -> dict[str, Any]:
-    """The Service the gateway's one upstream cluster resolves (by its DNS name)."""
-    (cluster,) = _envoy(docs)["static_resources"]["clusters"]
-    (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
-    address = endpoint["endpoint"]["address"]["socket_address"]
-    svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == address["address"])
-    port = next(p for p in svc["spec"]["ports"] if p["port"] == address["port_value"])
-    return {"service": svc, "port": port, "cluster": cluster}
+def _upstream_services(docs) -> dict[str, dict[str, Any]]:
+    """For each of the gateway's upstream clusters (by name): the cluster, the Service its one
+    address resolves (by DNS name) and that Service's port."""
+    out = {}
+    for cluster in _envoy(docs)["static_resources"]["clusters"]:
+        (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        address = endpoint["endpoint"]["address"]["socket_address"]
+        svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == address["address"])
+        port = next(p for p in svc["spec"]["ports"] if p["port"] == address["port_value"])
+        out[cluster["name"]] = {"service": svc, "port": port, "cluster": cluster}
+    return out
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_gateway_balances_per_serving_pod_and_listens_on_its_ports(rendered, overlay):
     docs = rendered[overlay]
-    upstream = _upstream_service(docs)
-    svc, cluster = upstream["service"], upstream["cluster"]
-    # One host per pod: a headless Service resolved by STRICT_DNS (a ClusterIP would be one host,
-    # and HTTP/2's few long-lived connections would pin the load to a few pods).
-    assert svc["spec"].get("clusterIP") == "None", "the gateway's upstream is a headless Service"
-    assert cluster["type"] == "STRICT_DNS"
-    assert cluster["lb_policy"] in ("LEAST_REQUEST", "ROUND_ROBIN")
-    assert upstream["port"]["targetPort"] == "serve-grpc"
-    assert upstream["port"]["port"] == DEFAULT_GRPC_PORT
-    assert "http2_protocol_options" in json.dumps(cluster), "Serve's gRPC proxy speaks HTTP/2 only"
+    upstreams = _upstream_services(docs)
+    # Serve's gRPC proxy (the API) and its HTTP proxy (the annotation web app), nothing else.
+    by_target = {u["port"]["targetPort"]: u for u in upstreams.values()}
+    assert sorted(by_target) == ["serve", "serve-grpc"] and len(upstreams) == 2
+    assert by_target["serve-grpc"]["port"]["port"] == DEFAULT_GRPC_PORT
+    assert by_target["serve"]["port"]["port"] == _serve_config(docs)["http_options"]["port"]
+    for upstream in upstreams.values():
+        svc, cluster = upstream["service"], upstream["cluster"]
+        # One host per pod: a headless Service resolved by STRICT_DNS (a ClusterIP would be one
+        # host, and HTTP/2's few long-lived connections would pin the load to a few pods).
+        assert svc["spec"].get("clusterIP") == "None", "the gateway's upstream is a headless Service"
+        assert cluster["type"] == "STRICT_DNS"
+        assert cluster["lb_policy"] in ("LEAST_REQUEST", "ROUND_ROBIN")
+    grpc = json.dumps(by_target["serve-grpc"]["cluster"])
+    assert "http2_protocol_options" in grpc, "Serve's gRPC proxy speaks HTTP/2 only"
+    http = json.dumps(by_target["serve"]["cluster"])
+    assert "http2_protocol_options" not in http, "Serve's HTTP proxy (uvicorn) has no h2c"
     envoy = _envoy(docs)
     listeners = {
         x["name"]: x["address"]["socket_address"]["port_value"]
@@ -171,17 +182,18 @@ def test_gateway_balances_per_serving_pod_and_listens_on_its_ports(rendered, ove
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_only_serving_pods_are_behind_the_gateway(rendered, overlay):
     docs = rendered[overlay]
-    selector = _upstream_service(docs)["service"]["spec"]["selector"]
-    assert SERVING_ROLE.items() <= selector.items()
-    chosen = [where for where, labels, _ in pods(docs) if _selects({"matchLabels": selector}, labels)]
     serving_groups = [
         g["groupName"]
         for g in _worker_groups(docs)
         if SERVING_ROLE.items() <= g["template"]["metadata"]["labels"].items()
     ]
-    assert serving_groups and sorted(chosen) == sorted(
-        f"RayService/illume worker {name}" for name in serving_groups
-    ), "the head, training workers and other pods are not selected"
+    for upstream in _upstream_services(docs).values():
+        selector = upstream["service"]["spec"]["selector"]
+        assert SERVING_ROLE.items() <= selector.items()
+        chosen = [where for where, labels, _ in pods(docs) if _selects({"matchLabels": selector}, labels)]
+        assert serving_groups and sorted(chosen) == sorted(
+            f"RayService/illume worker {name}" for name in serving_groups
+        ), "the head, training workers and other pods are not selected"
     args = AppConfig.model_validate(_serve_config(docs)["applications"][0]["args"])
     if overlay == "gpu":
         training = [g for g in _worker_groups(docs) if g["groupName"] not in serving_groups]
@@ -286,7 +298,7 @@ def test_default_deny_and_who_reaches_the_ray_pods(rendered, overlay):
     )
     ray_labels = {"app.kubernetes.io/name": "illume", "app.kubernetes.io/component": "ray"}
     gateway = {"app.kubernetes.io/name": "illume", "app.kubernetes.io/component": "grpc-gateway"}
-    grpc_sources = []
+    grpc_sources, http_sources = [], []
     for policy in policies:
         selector = policy["spec"]["podSelector"]
         if not selector or not _selects(selector, {**ray_labels, "ray.io/node-type": "head"}):
@@ -317,7 +329,10 @@ def test_default_deny_and_who_reaches_the_ray_pods(rendered, overlay):
                     assert ports, f"{policy['metadata']['name']}: rule without ports"
                     if ports & {"serve-grpc", DEFAULT_GRPC_PORT}:
                         grpc_sources.append(peer["podSelector"]["matchLabels"])
+                    if ports & {"serve", _serve_config(docs)["http_options"]["port"]}:
+                        http_sources.append(peer["podSelector"]["matchLabels"])
     assert grpc_sources == [gateway], "only the gateway reaches the gRPC port"
+    assert http_sources == [gateway], "only the gateway reaches Serve's HTTP port (the web app)"
 
 
 # -- Ray: GPUs, CPUs, limits, env -----------------------------------------------------------------------
@@ -390,6 +405,93 @@ def test_every_ray_container_has_the_grpc_limit_and_the_database_secret(rendered
     if args.artifact_uri.startswith("/"):
         for c in ray:
             assert any(args.artifact_uri.startswith(m["mountPath"]) for m in c["volumeMounts"])
+
+
+WEB_SESSION_SECRET = "illume-web-session"
+
+
+def _offered_resources(group) -> dict[str, float]:
+    return json.loads(json.loads(group["rayStartParams"].get("resources", '"{}"')))
+
+
+def ingress_hosts(docs, args: AppConfig) -> list[str]:
+    """The Ray pods ("head", "worker <group>") where Serve may place an Ingress replica: those whose
+    Ray resources hold its CPUs and every custom resource it asks for (``serve_resources``)."""
+    cluster = _cluster(docs)
+    groups = [("head", cluster["headGroupSpec"])] + [
+        (f"worker {g['groupName']}", g) for g in cluster.get("workerGroupSpecs", [])
+    ]
+    hosts = []
+    for where, group in groups:
+        params = group["rayStartParams"]
+        (container,) = group["template"]["spec"]["containers"]
+        cpus = _quantity(params.get("num-cpus", container["resources"]["limits"]["cpu"]))
+        offered = _offered_resources(group)
+        fits = all(offered.get(name, 0) >= amount for name, amount in args.serve_resources.items())
+        if cpus >= args.ingress.num_cpus and fits:
+            hosts.append(where)
+    return hosts
+
+
+def session_secret_mount(spec, secret_file) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(volumeMount, volume) that puts ``secret_file`` into the pod, or None."""
+    (container,) = spec["containers"]
+    for mount in container.get("volumeMounts", []):
+        if mount["mountPath"] == str(secret_file.parent) and not mount.get("subPath"):
+            return mount, next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    return None
+
+
+def check_session_secret(docs) -> None:
+    args = AppConfig.model_validate(_serve_config(docs)["applications"][0]["args"])
+    secret_file = args.web.session_secret_file
+    assert secret_file is not None, "every Ingress replica must read one secret (web.session_secret_file)"
+    # Browsers reach the app over the gateway's TLS listener (or http://localhost, a port-forward).
+    assert args.web.cookie_secure is True
+    hosts = ingress_hosts(docs, args)
+    assert hosts, "some pod must be able to run the Ingress"
+    # The head as well (k8s/base/rayservice.yaml): it takes no replica only while its num-cpus is 0.
+    must_mount = {*hosts, "head"}
+    for where, _, spec in pods(docs):
+        if not where.startswith("RayService/") or where.split(" ", 1)[1] not in must_mount:
+            continue
+        found = session_secret_mount(spec, secret_file)
+        assert found, f"{where} may run an Ingress replica but has no {secret_file.parent} mount"
+        mount, volume = found
+        assert mount.get("readOnly") is True, where
+        assert volume["secret"]["secretName"] == WEB_SESSION_SECRET, where
+        # The Secret's key is the file's name (no items: a key renamed in the Secret would vanish).
+        assert "items" not in volume["secret"], where
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_that_may_run_the_ingress_mounts_the_session_secret(rendered, overlay):
+    check_session_secret(rendered[overlay])
+    # Created by the operator (docs/DEPLOY.md), never committed.
+    assert not any(
+        d["kind"] == "Secret" and d["metadata"]["name"] == WEB_SESSION_SECRET for d in rendered[overlay]
+    )
+
+
+def test_the_session_secret_check_fails_without_the_mount(rendered):
+    docs = copy.deepcopy(rendered["gpu"])
+    serving = next(
+        g for g in _worker_groups(docs) if SERVING_ROLE.items() <= g["template"]["metadata"]["labels"].items()
+    )
+    (container,) = serving["template"]["spec"]["containers"]
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] != "web-session"]
+    with pytest.raises(AssertionError, match="may run an Ingress replica"):
+        check_session_secret(docs)
+
+
+def test_deploy_md_creates_the_session_secret_under_the_key_the_pods_read(rendered):
+    text = (REPO_ROOT / "docs" / "DEPLOY.md").read_text()
+    (key,) = set(
+        re.findall(rf"create secret generic {WEB_SESSION_SECRET}\s+\\?\s*--from-literal=([\w.-]+)=", text)
+    )
+    for overlay in OVERLAYS:
+        args = AppConfig.model_validate(_serve_config(rendered[overlay])["applications"][0]["args"])
+        assert args.web.session_secret_file.name == key, overlay
 
 
 # -- images, resources, security -----------------------------------------------------------------------

@@ -10,17 +10,23 @@ is re-read every ``KEYS_RELOAD_S``.
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from illume.client import IllumeClient
 from illume.models.default import _FALLBACK_TEXTS
 from illume.models.loading import ModelSettings
 from illume.models.tiny import build_tiny_vlm
+from illume.store import FeedbackStore
 from illume.store.settings import StoreSettings
 from services.auth import key_sha256
 from services.config import (
@@ -45,7 +51,13 @@ SCOPED_KEYS = {
     "admin-a": ("admin-key-a-0123456789", "admin", [TENANT_A]),
     "admin-b": ("admin-key-b-0123456789", "admin", [TENANT_B]),
 }
-DECLARED = ["default", TENANT_A, TENANT_B]
+# The web app's browser test judges in namespaces of its own, with annotators scoped to each.
+WEB_A, WEB_B = "web-a", "web-b"
+WEB_KEYS = {
+    "annotator": ("annotator-key-web-a-0123456789", "annotator", "web-annotator-a", [WEB_A]),
+    "annotator_b": ("annotator-key-web-b-0123456789", "annotator", "web-annotator-b", [WEB_B]),
+}
+DECLARED = ["default", TENANT_A, TENANT_B, WEB_A, WEB_B]
 KEYS_RELOAD_S = 1.0
 MAX_BATCH = 4
 MAX_QUEUED = 12
@@ -65,6 +77,9 @@ def _keys() -> list[ApiKey]:
     keys += [
         ApiKey(sha256=key_sha256(k), role=r, principal=name, namespaces=ns)
         for name, (k, r, ns) in SCOPED_KEYS.items()
+    ]
+    keys += [
+        ApiKey(sha256=key_sha256(k), role=r, principal=p, namespaces=ns) for k, r, p, ns in WEB_KEYS.values()
     ]
     return keys
 
@@ -146,6 +161,50 @@ def annotator(sqlite_app, grpc_port):
 def admin(sqlite_app, grpc_port):
     with client_for(grpc_port, "admin") as c:
         yield c
+
+
+@dataclass
+class WebServer:
+    """The served web app as the browser test sees it (tests/integration/services/test_web_browser.py)."""
+
+    base_url: str
+    keys: dict[str, str]
+    namespace_a: str
+    namespace_b: str
+    store: FeedbackStore
+    seed_generations: Callable[[str, list[str]], list[str]]
+
+
+@pytest.fixture(scope="module")
+def web_server(sqlite_app, grpc_port, http_port) -> Iterator[WebServer]:
+    """The application's Ingress serves the pages on Serve's HTTP proxy; generations are seeded
+    through Generate (logged, so the judging queue hands them out)."""
+    colours = itertools.cycle(("red", "green", "blue", "yellow", "purple", "orange", "white", "black"))
+
+    def seed(namespace: str, questions: list[str]) -> list[str]:
+        ids = []
+        with client_for(grpc_port, "admin") as admin:
+            for question in questions:
+                buffer = io.BytesIO()
+                Image.new("RGB", (48, 48), next(colours)).save(buffer, format="PNG")
+                reply = admin.generate(
+                    buffer.getvalue(),
+                    question,
+                    "yes",
+                    n=3,
+                    max_new_tokens=6,
+                    min_new_tokens=2,
+                    namespace=namespace,
+                )
+                ids.append(reply.generation_id)
+        return ids
+
+    store = FeedbackStore(sqlite_app.feedback_log.store)
+    keys = {"admin": KEYS["admin"], **{role: k for role, (k, _, _, _) in WEB_KEYS.items()}}
+    try:
+        yield WebServer(f"http://127.0.0.1:{http_port}", keys, WEB_A, WEB_B, store, seed)
+    finally:
+        store.close()
 
 
 def scrape(port: int) -> list[tuple[str, dict[str, str], float]]:

@@ -9,6 +9,7 @@ revoked key fails within one reload interval; a rotated key works without a rest
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
@@ -43,6 +44,9 @@ MATRIX = {
     "GenerateStream": ("OK PD PD", "OK PD PD", "OK PD PD", "PD OK PD", "OK OK NF"),
     "SubmitFeedback": ("PD PD PD", "OK PD PD", "OK PD PD", "PD OK PD", "OK OK NF"),
     "GetGeneration": ("PD PD PD", "OK PD PD", "OK PD PD", "PD OK PD", "OK OK NF"),
+    # The judging queue: before AddPoolItems, so that no pool item gets generated in a tenant.
+    "NextItem": ("PD PD PD", "OK PD PD", "OK PD PD", "PD OK PD", "OK OK NF"),
+    "GetImage": ("PD PD PD", "OK PD PD", "OK PD PD", "PD OK PD", "OK OK NF"),
     "GetFeedbackStats": ("PD PD PD", "OK PD PD", "OK PD PD", "PD OK PD", "OK OK NF"),
     "ExportFeedback": ("PD PD PD", "PD PD PD", "OK PD PD", "PD OK PD", "OK OK NF"),
     "ListAdapters": ("PD PD PD", "PD PD PD", "OK PD PD", "PD OK PD", "OK OK NF"),
@@ -58,9 +62,11 @@ MATRIX = {
     "ListAnnotators": ("PD PD PD", "PD PD PD", "OK PD PD", "PD OK PD", "OK OK NF"),
     # Nobody is flagged in these namespaces: past the guard the clear is NOT_FOUND.
     "ClearAnnotatorFlag": ("PD PD PD", "PD PD PD", "NF PD PD", "PD NF PD", "NF NF NF"),
+    "AddPoolItems": ("PD PD PD", "PD PD PD", "OK PD PD", "PD OK PD", "OK OK NF"),
     # No namespace field: every key gets its own view (checked below).
     "GetServerStatus": ("OK OK OK", "OK OK OK", "OK OK OK", "OK OK OK", "OK OK OK"),
     "ListNamespaces": ("OK OK OK", "OK OK OK", "OK OK OK", "OK OK OK", "OK OK OK"),
+    "WhoAmI": ("OK OK OK", "OK OK OK", "OK OK OK", "OK OK OK", "OK OK OK"),
     # Declaring needs an admin allowed all namespaces; run last (the undeclared cell declares a
     # fresh name, so the other cells' undeclared name stays undeclared).
     "DeclareNamespace": ("PD PD PD", "PD PD PD", "PD PD PD", "PD PD PD", "OK OK OK"),
@@ -127,6 +133,13 @@ def _request(client: IllumeClient, rpc: str, ns: str, world: dict):
         "ListAuditEvents": lambda: client.list_audit_events(ns),
         "ListAnnotators": lambda: client.list_annotators(ns),
         "ClearAnnotatorFlag": lambda: client.clear_annotator_flag(ns, "nobody-flagged"),
+        "NextItem": lambda: client.next_item(ns),
+        # The fixture's image is in both tenants: the namespace decides, not the hash.
+        "GetImage": lambda: client.get_image(hashlib.sha256(png()).hexdigest(), ns),
+        "AddPoolItems": lambda: client.add_pool_items(
+            [(png("red"), f"pool question {ns}?", "")], namespace=ns
+        ),
+        "WhoAmI": lambda: client.who_am_i(),
         "GetServerStatus": lambda: client.server_status(),
         "ListNamespaces": lambda: client.list_namespaces(),
         "DeclareNamespace": lambda: client.declare_namespace(

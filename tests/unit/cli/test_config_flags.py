@@ -22,7 +22,7 @@ from illume.cli.config_flags import ConfigFlags, Flag, get_path
 ALLOWED = {
     "loop": {"model", "data", "world_seed", "out", "no_progress", "json"},
     "eval": {"model", "adapter", "data", "split", "world_seed", "no_progress", "json", "samples"},
-    "serve": {"data_dir", "model", "config", "host", "grpc_port", "num_cpus"},
+    "serve": {"data_dir", "model", "config", "host", "grpc_port", "http_port", "num_cpus"},
     "tune": {"data_dir", "model", "config", "namespace"},
 }
 

@@ -37,9 +37,13 @@ def served(tmp_path, monkeypatch):
 
     seen = {}
     _Client.targets = []
-    monkeypatch.setattr(local, "start", lambda config, port, cpus, host: seen.update(host=host, port=port))
+    monkeypatch.setattr(
+        local,
+        "start",
+        lambda config, port, cpus, host, http_port: seen.update(host=host, port=port, http_port=http_port),
+    )
     monkeypatch.setattr(local, "stop", lambda: None)
-    monkeypatch.setattr(local, "ensure_port_free", lambda port: None)
+    monkeypatch.setattr(local, "ensure_port_free", lambda port, name="": None)
     monkeypatch.setattr(local, "wait_until_port_free", lambda *a, **k: None)
     monkeypatch.setattr(illume.client, "IllumeClient", _Client)
 
@@ -69,10 +73,11 @@ def served(tmp_path, monkeypatch):
 )
 def test_the_ready_line_names_the_address_grpc_listens_on(served, tmp_path, capsys, host, shown, target):
     seen, config = served
-    assert local.run_forever(tmp_path, None, None, 50999, 2, config=config, host=host) == 0
-    assert seen == {"host": host, "port": 50999}
+    assert local.run_forever(tmp_path, None, None, 50999, 2, config=config, host=host, http_port=8999) == 0
+    assert seen == {"host": host, "port": 50999, "http_port": 8999}
     out = capsys.readouterr().out
     assert f"illume ready: gRPC on {shown}," in out
+    assert f"web: annotation app on http://{target.rsplit(':', 1)[0]}:8999/ " in out
     assert f"--target {target} " in out
     assert _Client.targets == [target]
 

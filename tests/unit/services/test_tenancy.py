@@ -274,6 +274,11 @@ def _requests(namespace: str) -> dict[str, Any]:
         "ListAuditEvents": pb.ListAuditEventsRequest(namespace=namespace),
         "ListAnnotators": pb.ListAnnotatorsRequest(namespace=namespace),
         "ClearAnnotatorFlag": pb.ClearAnnotatorFlagRequest(namespace=namespace, annotator_id="ann-a"),
+        "NextItem": pb.NextItemRequest(namespace=namespace),
+        "GetImage": pb.GetImageRequest(namespace=namespace, image_sha256="0" * 64),
+        "AddPoolItems": pb.AddPoolItemsRequest(
+            namespace=namespace, items=[pb.PoolItem(image=b"x", question="q?")]
+        ),
     }
 
 
@@ -284,7 +289,7 @@ def test_every_rpc_without_a_namespace_field_is_known():
         for method in service.methods:
             if "namespace" not in method.input_type.fields_by_name:
                 no_namespace.add(method.name)
-    assert no_namespace == {"GetServerStatus", "GetTuningRound", "ListNamespaces"}
+    assert no_namespace == {"GetServerStatus", "GetTuningRound", "ListNamespaces", "WhoAmI"}
     named = {m.name for svc in pb.DESCRIPTOR.services_by_name.values() for m in svc.methods} - no_namespace
     assert named == set(_requests("x")) | {"DeclareNamespace"}
 
