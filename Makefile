@@ -98,6 +98,7 @@ bench: install
 	$(PY) -m illume.store.bench --url sqlite:///.bench/store/feedback.db --writers 16 --writes 50
 	$(PY) -m illume.store.bench --url postgresql+psycopg://postgres@127.0.0.1:5432/test --writers 16 --writes 50
 	$(PY) -m tests.bench.feedback --calls 2000 --concurrency 64 --runs 3
+	$(PY) -m tests.bench.acquisition --seeds 11 12 13 --traffic 300 --budget 100 --n 10
 	$(PY) -m tests.bench.tuning --replicas 2 --judgements 1000
 	$(PY) -m tests.bench.engine $(BENCH_ENGINE_ARGS)
 	$(PY) -m tests.bench.engine_served $(BENCH_ENGINE_SERVED_ARGS)

@@ -105,12 +105,25 @@ def _feedback(client, args: argparse.Namespace) -> int:
 POOL_BATCH = 100
 
 
-def _add_pool(client, args: argparse.Namespace) -> int:
-    """Upload a VQA-X file's items (image, question, majority answer unless --no-answer) to the
-    namespace's judging pool, in batches of POOL_BATCH."""
+def pool_items_of(path: Path, image_dir: str | None, limit: int) -> list:
+    """The VQA-X items of a JSON file, or of a VQA-X directory's split files (``*.json`` named for
+    train, val or test: ``vqaX_val.json``, ``val.json``), their images in ``images/`` beside them
+    unless ``image_dir``."""
     from illume.data.vqax import load_vqax
 
-    items = load_vqax(args.vqax, args.image_dir)[: args.limit or None]
+    splits = ("train", "val", "test")
+    if path.is_dir():
+        files = sorted(f for f in path.glob("*.json") if any(split in f.stem for split in splits))
+    else:
+        files = [path]
+    items = [item for f in files for item in load_vqax(f, image_dir)]
+    return items[:limit] if limit else items
+
+
+def _add_pool(client, args: argparse.Namespace) -> int:
+    """Upload VQA-X items (image, question, majority answer unless --no-answer) to the namespace's
+    judging pool, in batches of POOL_BATCH."""
+    items = pool_items_of(Path(args.vqax), args.image_dir, args.limit)
     added = present = pending = 0
     for start in range(0, len(items), POOL_BATCH):
         batch = [
@@ -208,7 +221,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         elif name == "audit":
             v.add_argument("--limit", type=int, default=20, help="events to show (1-100), newest first")
         elif name == "add-pool":
-            v.add_argument("--vqax", required=True, help="a VQA-X JSON file (images/ beside it)")
+            v.add_argument(
+                "--vqax", required=True, help="a VQA-X JSON file, or a directory of them (images/ beside)"
+            )
             v.add_argument(
                 "--image-dir", default=None, help="where its images are (default: images/ beside it)"
             )

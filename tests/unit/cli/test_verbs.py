@@ -90,16 +90,37 @@ def test_serve_runs_the_config_its_flags_built(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     seen = {}
 
-    def run_forever(data_dir, model_dir, config_file, grpc_port, num_cpus, config=None, host=None):
-        seen.update(data_dir=data_dir, grpc_port=grpc_port, num_cpus=num_cpus, config=config, host=host)
+    def run_forever(
+        data_dir, model_dir, config_file, grpc_port, num_cpus, config=None, host=None, http_port=None
+    ):
+        seen.update(
+            data_dir=data_dir,
+            grpc_port=grpc_port,
+            num_cpus=num_cpus,
+            config=config,
+            host=host,
+            http_port=http_port,
+        )
         return 0
 
     monkeypatch.setattr(services.local, "run_forever", run_forever)
-    argv = ["serve", "--data-dir", str(tmp_path), "--model", str(tmp_path), "--grpc-port", "50999"]
+    argv = [
+        "serve",
+        "--data-dir",
+        str(tmp_path),
+        "--model",
+        str(tmp_path),
+        "--grpc-port",
+        "50999",
+        "--http-port",
+        "8999",
+    ]
     assert main([*argv, "--lr", "0.002", "--max-batch-size", "4", "--no-tuning"]) == 0
     config = seen["config"]
     assert (seen["data_dir"], seen["grpc_port"], seen["num_cpus"]) == (tmp_path, 50999, 8)
     assert seen["host"] == "127.0.0.1"  # --host's default: loopback only
+    assert seen["http_port"] == 8999
+    assert config.web.session_secret_file == tmp_path.resolve() / "keys" / "web-session.secret"
     assert config.tuning.train.learning_rate == 0.002 and config.tuning.train.lora_r == 16
     assert config.generator.max_batch_size == 4 and config.tuning.enabled is False
     assert config.generator.model.path == tmp_path.resolve()
