@@ -145,12 +145,9 @@ class Ingress(RationaleServicer, FeedbackServicer, AdminServicer):
         self.auth = Authenticator(config.auth, on_reload=self._audit_key_reload)
         self.generator = generator
         self.feedback_log = feedback_log
-        self.feedback_batcher = SubmissionBatcher(self._send_feedback)
+        self.feedback_batcher = SubmissionBatcher(feedback_log.submit_feedback_batch.remote)
         self.store_backend = config.feedback_log.store.backend
         self.server_version = config.server_version or illume.__version__
-
-    async def _send_feedback(self, submissions: list[Any]) -> list[Any]:
-        return await self.feedback_log.submit_feedback_batch.remote(submissions)
 
     def __serve_build_asgi_app__(self) -> Any:
         if not self.config.web.enabled:

@@ -239,9 +239,13 @@ class _WebApp:
 
     # forms
 
-    def check_session_csrf(self, session: Session, form: dict[str, list[str]]) -> None:
+    async def session_form(self, request: Request) -> tuple[Session, dict[str, list[str]]]:
+        """A signed-in POST: its session and its form, once the form's CSRF token is the session's."""
+        form = await read_form(request)
+        session = self.require_session(request)
         if not self.secret.csrf_ok("session", session.nonce, _field(form, "csrf_token")):
             raise PageError(403, "missing or invalid CSRF token")
+        return session, form
 
 
 def _field(form: dict[str, list[str]], name: str, default: str = "") -> str:
@@ -406,7 +410,7 @@ def _add_sign_in_routes(app: FastAPI, web: _WebApp) -> None:
         if who.role not in ("annotator", "admin"):
             return sign_in_form(request, "client keys cannot sign in to the annotation app", 403)
         session = Session.start(key, who.principal, who.role, list(who.namespaces), who.key_id)
-        # Admins mostly come for the admin page; judging is one click away.
+        # Admins too: the public gateway does not route /admin (docs/DEPLOY.md), /judge is everywhere.
         response = redirect("/judge")
         web.set_session_cookie(response, session)
         response.delete_cookie(PRE_SESSION_COOKIE, path="/")
@@ -414,9 +418,7 @@ def _add_sign_in_routes(app: FastAPI, web: _WebApp) -> None:
 
     @app.post("/sign-out")
     async def sign_out(request: Request) -> Response:
-        form = await read_form(request)
-        session = web.require_session(request)
-        web.check_session_csrf(session, form)
+        await web.session_form(request)  # signed in, and the form is this session's
         response = redirect("/sign-in?reason=signed-out")
         web.clear_session_cookie(response)
         return response
@@ -521,9 +523,7 @@ def _add_judge_routes(app: FastAPI, web: _WebApp) -> None:
 
     @app.post("/judge/submit")
     async def submit(request: Request) -> Response:
-        form = await read_form(request)
-        session = web.require_session(request)
-        web.check_session_csrf(session, form)
+        session, form = await web.session_form(request)
         ns = choose_namespace(session, _field(form, "namespace"))
         feedback = submission_from_form(form, ns)
         reply = await web.rpc(session, "SubmitFeedback", feedback)
@@ -535,9 +535,7 @@ def _add_judge_routes(app: FastAPI, web: _WebApp) -> None:
 
     @app.post("/judge/undo")
     async def undo(request: Request) -> Response:
-        form = await read_form(request)
-        session = web.require_session(request)
-        web.check_session_csrf(session, form)
+        session, form = await web.session_form(request)
         last = session.last
         if last is None:
             response = redirect(f"/judge?{_ns_query(choose_namespace(session, _field(form, 'namespace')))}")
@@ -672,9 +670,7 @@ def _add_admin_routes(app: FastAPI, web: _WebApp) -> None:
         return response
 
     async def admin_form(request: Request) -> tuple[Session, dict[str, list[str]], str, str]:
-        form = await read_form(request)
-        session = web.require_session(request)
-        web.check_session_csrf(session, form)
+        session, form = await web.session_form(request)
         _require_admin(session)
         action = request.query_params.get("action", "")
         if action not in ADMIN_ACTIONS:

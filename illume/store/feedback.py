@@ -263,6 +263,17 @@ class FeedbackStore:
             raise NotFound(f"image {image_sha256} not found")
         return bytes(data)
 
+    def _keep_image(self, conn: Connection, sha: str, data: bytes, created_at: str) -> None:
+        """Inside a write: the image in the ``images`` table, or its file (written before the write
+        by the caller) still there."""
+        if self._image_dir is None:
+            self._insert_ignore(
+                conn, s.images, {"sha256": sha, "data": data, "size": len(data), "created_at": created_at}
+            )
+        elif not self._image_path(sha).exists():
+            # A deletion of the image's last user ran after the caller wrote the file.
+            self._write_image_file(sha, data)
+
     def _insert_ignore(self, conn: Connection, table: Any, values: Mapping[str, Any]) -> None:
         stmt = (pg_insert if self.backend == "postgresql" else sqlite_insert)(table).values(**values)
         conn.execute(stmt.on_conflict_do_nothing())
@@ -318,20 +329,7 @@ class FeedbackStore:
             ).first()
             if exists:
                 raise AlreadyExists(f"generation {record.generation_id} already exists")
-            if self._image_dir is None:
-                self._insert_ignore(
-                    conn,
-                    s.images,
-                    {
-                        "sha256": record.image_sha256,
-                        "data": image,
-                        "size": len(image),
-                        "created_at": rfc3339(record.created_at),
-                    },
-                )
-            elif not self._image_path(record.image_sha256).exists():
-                # A deletion of the image's last generation ran after the caller wrote the file.
-                self._write_image_file(record.image_sha256, image)
+            self._keep_image(conn, record.image_sha256, image, rfc3339(record.created_at))
             conn.execute(
                 insert(s.generations).values(
                     generation_id=record.generation_id,

@@ -113,6 +113,49 @@ class _View:
     pool: list[_Choice]
 
 
+def _eligible(reason: str, judged: int, held: int, max_judgements: int) -> bool:
+    """Whether an item may be handed out as ``reason``: a fresh item is neither judged nor held by
+    anyone; an overlap item has a judgement and is taken (judged or held) fewer than
+    ``max_judgements`` times (module docstring)."""
+    if reason == "overlap":
+        return judged >= 1 and judged + held < max_judgements
+    return judged + held == 0
+
+
+def _insert_lease(
+    conn: Connection,
+    generation_id: str,
+    annotator_id: str,
+    namespace: str,
+    reason: str,
+    score: float,
+    expires_at: float,
+) -> None:
+    conn.execute(
+        s.item_leases.insert().values(
+            generation_id=generation_id,
+            annotator_id=annotator_id,
+            namespace=namespace,
+            reason=reason,
+            score=score,
+            handed_at=rfc3339(utcnow()),
+            expires_at=expires_at,
+        )
+    )
+
+
+def _pending_count(conn: Connection, namespace: str) -> int:
+    """Pool items of ``namespace`` not generated yet."""
+    pool = s.pool_items
+    return int(
+        conn.execute(
+            select(func.count())
+            .select_from(pool)
+            .where(pool.c.namespace == namespace, pool.c.generation_id.is_(None))
+        ).scalar_one()
+    )
+
+
 class JudgingQueue:
     """NextItem's queue over one ``FeedbackStore`` (the FeedbackLog deployment owns both)."""
 
@@ -129,40 +172,44 @@ class JudgingQueue:
         self, namespace: str, annotator_id: str, now: float | None = None, mode: str = ""
     ) -> HandedItem | PoolClaim | None:
         """The next item for ``annotator_id`` in ``namespace`` (module docstring), leased or claimed."""
-        namespace = normalize_namespace(namespace)
-        if not annotator_id:
-            raise InvalidRequest("annotator id is required")
+        namespace, mode = self._checked(namespace, annotator_id, mode)
         now = time.time() if now is None else now
-        view = self._view(namespace, annotator_id, now)
-        choices = self._ranked_choices(view, self._mode(mode))
-        remaining = min(
-            MAX_REMAINING_COUNTED, max(0, len(view.fresh) + len(view.pool) + len(view.overlap) - 1)
-        )
+        choices, remaining = self._plan(self._view(namespace, annotator_id, now), mode)
         if not choices:
             return None
         won = self.store._writer.run(self._lease_op(namespace, annotator_id, choices, now))
-        return self._handed(namespace, annotator_id, won, now, remaining)
+        return self._handed(namespace, won, now, remaining)
 
     async def anext_item(
         self, namespace: str, annotator_id: str, mode: str = ""
     ) -> HandedItem | PoolClaim | None:
         """``next_item`` for asyncio callers: the read in a thread, the lease in the group commit."""
-        namespace = normalize_namespace(namespace)
-        if not annotator_id:
-            raise InvalidRequest("annotator id is required")
+        namespace, mode = self._checked(namespace, annotator_id, mode)
         now = time.time()
         view = await asyncio.to_thread(self._view, namespace, annotator_id, now)
-        choices = self._ranked_choices(view, self._mode(mode))
-        remaining = min(
-            MAX_REMAINING_COUNTED, max(0, len(view.fresh) + len(view.pool) + len(view.overlap) - 1)
-        )
+        choices, remaining = self._plan(view, mode)
         if not choices:
             return None
         won = await self.store._await_op(self._lease_op(namespace, annotator_id, choices, now))
-        return await asyncio.to_thread(self._handed, namespace, annotator_id, won, now, remaining)
+        return await asyncio.to_thread(self._handed, namespace, won, now, remaining)
+
+    def _checked(self, namespace: str, annotator_id: str, mode: str) -> tuple[str, str]:
+        """The normalised namespace and the selection mode to use (``InvalidRequest`` otherwise)."""
+        if not annotator_id:
+            raise InvalidRequest("annotator id is required")
+        if mode not in ("", "active", "random"):
+            raise InvalidRequest(f"selection must be active or random, not {mode!r}")
+        return normalize_namespace(namespace), mode or self.config.mode
+
+    def _plan(self, view: _View, mode: str) -> tuple[list[_Choice], int]:
+        """The ranked choices, and how many items the annotator could still be handed after one."""
+        remaining = min(
+            MAX_REMAINING_COUNTED, max(0, len(view.fresh) + len(view.pool) + len(view.overlap) - 1)
+        )
+        return self._ranked_choices(view, mode), remaining
 
     def _handed(
-        self, namespace: str, annotator_id: str, won: tuple[_Choice, Any] | None, now: float, remaining: int
+        self, namespace: str, won: tuple[_Choice, Any] | None, now: float, remaining: int
     ) -> HandedItem | PoolClaim | None:
         if won is None:
             return None
@@ -185,11 +232,6 @@ class JudgingQueue:
             lease_expires_at=_utc(now + self.config.lease_s),
             remaining=remaining,
         )
-
-    def _mode(self, mode: str) -> str:
-        if mode not in ("", "active", "random"):
-            raise InvalidRequest(f"selection must be active or random, not {mode!r}")
-        return mode or self.config.mode
 
     def _ranked_choices(self, view: _View, mode: str) -> list[_Choice]:
         """The pick first, then fallbacks by score (module docstring, the order of preference)."""
@@ -230,14 +272,44 @@ class JudgingQueue:
                 ):
                     texts[row.generation_id].append(row.text)
                     logprobs[row.generation_id].append(row.mean_logprob)
-            current = conn.execute(
-                select(f.c.generation_id, f.c.annotator_id, f.c.verdict, g.c.image_sha256, g.c.question)
-                .join(g, g.c.generation_id == f.c.generation_id)
-                .where(f.c.namespace == namespace, f.c.is_current.is_(True))
-            ).all()
+            current = and_(f.c.namespace == namespace, f.c.is_current.is_(True))
+            judged = and_(current, f.c.verdict != "skipped")
+            mine = set(
+                conn.execute(
+                    select(f.c.generation_id).where(current, f.c.annotator_id == annotator_id)
+                ).scalars()
+            )
+            # Who handled the window's items (skips included: a skipper no longer holds one).
+            window_judgements = (
+                conn.execute(
+                    select(f.c.generation_id, f.c.annotator_id, f.c.verdict).where(
+                        current, f.c.generation_id.in_(ids)
+                    )
+                ).all()
+                if ids
+                else []
+            )
+            judged_images = set(
+                conn.execute(
+                    select(g.c.image_sha256)
+                    .distinct()
+                    .join(f, f.c.generation_id == g.c.generation_id)
+                    .where(judged)
+                ).scalars()
+            )
+            judged_types: Counter[str] = Counter()
+            for question, count in conn.execute(
+                select(g.c.question, func.count())
+                .join(f, f.c.generation_id == g.c.generation_id)
+                .where(judged)
+                .group_by(g.c.question)
+            ):
+                judged_types[question_type(question)] += count
+            # Leases that matter: this annotator's (never twice) and the running ones (held).
             leases = conn.execute(
                 select(lease.c.generation_id, lease.c.annotator_id, lease.c.expires_at).where(
-                    lease.c.namespace == namespace
+                    lease.c.namespace == namespace,
+                    or_(lease.c.annotator_id == annotator_id, lease.c.expires_at > now),
                 )
             ).all()
             pending = conn.execute(
@@ -250,18 +322,12 @@ class JudgingQueue:
                 .order_by(pool.c.added_at)
                 .limit(config.candidate_window)
             ).all()
-        mine = {r.generation_id for r in current if r.annotator_id == annotator_id}
         mine |= {r.generation_id for r in leases if r.annotator_id == annotator_id}
         handled = defaultdict(set)  # generation -> annotators with any current judgement
         judges: Counter[str] = Counter()
-        judged_images: set[str] = set()
-        judged_types: Counter[str] = Counter()
-        for r in current:
+        for r in window_judgements:
             handled[r.generation_id].add(r.annotator_id)
-            if r.verdict != "skipped":
-                judges[r.generation_id] += 1
-                judged_images.add(r.image_sha256)
-                judged_types[question_type(r.question)] += 1
+            judges[r.generation_id] += r.verdict != "skipped"
         holders: Counter[str] = Counter()
         for r in leases:
             if r.expires_at > now and r.annotator_id not in handled[r.generation_id]:
@@ -282,25 +348,11 @@ class JudgingQueue:
         for r in window:
             if r.generation_id in mine:
                 continue
-            taken = judges[r.generation_id] + holders[r.generation_id]
-            if taken == 0:
-                fresh.append(
-                    _Choice(
-                        "generation",
-                        r.generation_id,
-                        "active",
-                        score(r.image_sha256, r.question, r.generation_id, r.adapter_version),
-                    )
-                )
-            elif judges[r.generation_id] and taken < config.max_judgements:
-                overlap.append(
-                    _Choice(
-                        "generation",
-                        r.generation_id,
-                        "overlap",
-                        score(r.image_sha256, r.question, r.generation_id, r.adapter_version),
-                    )
-                )
+            judged, held = judges[r.generation_id], holders[r.generation_id]
+            for reason, choices in (("active", fresh), ("overlap", overlap)):
+                if _eligible(reason, judged, held, config.max_judgements):
+                    item_score = score(r.image_sha256, r.question, r.generation_id, r.adapter_version)
+                    choices.append(_Choice("generation", r.generation_id, reason, item_score))
         pool_choices = [
             _Choice("pool", p.item_id, "pool", score(p.image_sha256, p.question, None, "")) for p in pending
         ]
@@ -342,10 +394,7 @@ class JudgingQueue:
                 )
                 if r.annotator_id not in handled
             )
-            taken = judged + held
-            if choice.reason == "overlap":
-                return judged >= 1 and taken < config.max_judgements
-            return taken == 0
+            return _eligible(choice.reason, judged, held, config.max_judgements)
 
         def op(conn: Connection) -> tuple[_Choice, Any] | None:
             for choice in choices:
@@ -364,16 +413,9 @@ class JudgingQueue:
                         return choice, row
                     continue
                 if still_free(conn, choice):
-                    conn.execute(
-                        lease.insert().values(
-                            generation_id=choice.key,
-                            annotator_id=annotator_id,
-                            namespace=namespace,
-                            reason=choice.reason,
-                            score=choice.score,
-                            handed_at=rfc3339(utcnow()),
-                            expires_at=now + config.lease_s,
-                        )
+                    expires_at = now + config.lease_s
+                    _insert_lease(
+                        conn, choice.key, annotator_id, namespace, choice.reason, choice.score, expires_at
                     )
                     return choice, None
             return None
@@ -417,14 +459,7 @@ class JudgingQueue:
                 if exists:
                     present += 1
                     continue
-                if store._image_dir is None:
-                    store._insert_ignore(
-                        conn,
-                        s.images,
-                        {"sha256": sha, "data": item.image, "size": len(item.image), "created_at": now},
-                    )
-                elif not store._image_path(sha).exists():
-                    store._write_image_file(sha, item.image)
+                store._keep_image(conn, sha, item.image, now)
                 conn.execute(
                     pool.insert().values(
                         item_id=new_id(),
@@ -439,12 +474,7 @@ class JudgingQueue:
                     )
                 )
                 added += 1
-            pending = conn.execute(
-                select(func.count())
-                .select_from(pool)
-                .where(pool.c.namespace == namespace, pool.c.generation_id.is_(None))
-            ).scalar_one()
-            return PoolUpload(added=added, already_present=present, pending=int(pending))
+            return PoolUpload(added=added, already_present=present, pending=_pending_count(conn, namespace))
 
         return op
 
@@ -463,7 +493,7 @@ class JudgingQueue:
     ) -> HandedItem:
         """Link a claimed pool item to its generation and lease that generation to the annotator."""
         now = time.time() if now is None else now
-        pool, lease = s.pool_items, s.item_leases
+        pool = s.pool_items
         config = self.config
 
         def op(conn: Connection) -> None:
@@ -472,17 +502,8 @@ class JudgingQueue:
                 .where(pool.c.item_id == claim.item_id)
                 .values(generation_id=generation_id, claimed_until=None)
             )
-            conn.execute(
-                lease.insert().values(
-                    generation_id=generation_id,
-                    annotator_id=annotator_id,
-                    namespace=claim.namespace,
-                    reason="pool",
-                    score=claim.score,
-                    handed_at=rfc3339(utcnow()),
-                    expires_at=now + config.lease_s,
-                )
-            )
+            expires_at = now + config.lease_s
+            _insert_lease(conn, generation_id, annotator_id, claim.namespace, "pool", claim.score, expires_at)
 
         self.store._writer.run(op)
         generation = self.store.get_generation(generation_id, claim.namespace)
@@ -509,16 +530,7 @@ class JudgingQueue:
 
     def pending_pool_items(self, namespace: str) -> int:
         with self.store._read() as conn:
-            return int(
-                conn.execute(
-                    select(func.count())
-                    .select_from(s.pool_items)
-                    .where(
-                        s.pool_items.c.namespace == normalize_namespace(namespace),
-                        s.pool_items.c.generation_id.is_(None),
-                    )
-                ).scalar_one()
-            )
+            return _pending_count(conn, normalize_namespace(namespace))
 
     # -- images --------------------------------------------------------------------------------
 
