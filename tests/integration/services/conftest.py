@@ -163,6 +163,13 @@ def admin(sqlite_app, grpc_port):
         yield c
 
 
+def png(colour: str = "red", size: int = 32) -> bytes:
+    """A plain square PNG of ``colour`` (the tests' images; one colour, one sha256)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 @dataclass
 class WebServer:
     """The served web app as the browser test sees it (tests/integration/services/test_web_browser.py)."""
@@ -185,10 +192,8 @@ def web_server(sqlite_app, grpc_port, http_port) -> Iterator[WebServer]:
         ids = []
         with client_for(grpc_port, "admin") as admin:
             for question in questions:
-                buffer = io.BytesIO()
-                Image.new("RGB", (48, 48), next(colours)).save(buffer, format="PNG")
                 reply = admin.generate(
-                    buffer.getvalue(),
+                    png(next(colours), 48),
                     question,
                     "yes",
                     n=3,

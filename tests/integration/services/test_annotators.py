@@ -8,26 +8,18 @@ tuning job would set it (tests/unit/services/test_annotators.py covers the job's
 
 from __future__ import annotations
 
-import io
 import uuid
 
 import grpc
 import pytest
-from PIL import Image
 
 from illume.store import FeedbackStore
 
-from .conftest import client_for
+from .conftest import client_for, png
 
 ANNOTATORS = ("ann-1", "ann-2", "ann-3")
 GENERATIONS = 6
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-
-
-def png(colour: str, size: int = 32) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ revoked key fails within one reload interval; a rotated key works without a rest
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 import uuid
@@ -19,12 +18,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from PIL import Image
 
 from illume.client import IllumeClient
 from illume.store import AdapterRegistry, FeedbackStore
 
-from .conftest import KEYS, KEYS_RELOAD_S, SCOPED_KEYS, TENANT_A, TENANT_B, write_keys_file
+from .conftest import KEYS, KEYS_RELOAD_S, SCOPED_KEYS, TENANT_A, TENANT_B, png, write_keys_file
 
 UNDECLARED = "nowhere"
 TARGETS = (TENANT_A, TENANT_B, UNDECLARED)
@@ -73,12 +71,6 @@ MATRIX = {
 }
 
 
-def png(colour: str = "green", size: int = 32) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def key_of(caller: str) -> str:
     return KEYS["admin"] if caller == "admin-all" else SCOPED_KEYS[caller][0]
 
@@ -91,7 +83,7 @@ def world(sqlite_app, grpc_port):
     with IllumeClient(f"127.0.0.1:{grpc_port}", api_key=KEYS["admin"]) as admin:
         for ns in (TENANT_A, TENANT_B):
             generation = admin.generate(
-                png(), f"what is in {ns}?", "grass", n=1, max_new_tokens=2, namespace=ns
+                png("green"), f"what is in {ns}?", "grass", n=1, max_new_tokens=2, namespace=ns
             )
             version = registry.register(ns, "file:///nowhere", {"test": "isolation"}).version
             registry.mark_rejected(ns, version, "isolation test")
@@ -110,11 +102,18 @@ def _request(client: IllumeClient, rpc: str, ns: str, world: dict):
     ids = world[ns]
     calls = {
         "Generate": lambda: client.generate(
-            png(), "what?", "grass", n=1, max_new_tokens=2, namespace=ns, ephemeral=True, timeout=60
+            png("green"), "what?", "grass", n=1, max_new_tokens=2, namespace=ns, ephemeral=True, timeout=60
         ),
         "GenerateStream": lambda: list(
             client.generate_stream(
-                png(), "what?", "grass", n=1, max_new_tokens=2, namespace=ns, ephemeral=True, timeout=60
+                png("green"),
+                "what?",
+                "grass",
+                n=1,
+                max_new_tokens=2,
+                namespace=ns,
+                ephemeral=True,
+                timeout=60,
             )
         ),
         "SubmitFeedback": lambda: client.submit_feedback(
@@ -135,7 +134,7 @@ def _request(client: IllumeClient, rpc: str, ns: str, world: dict):
         "ClearAnnotatorFlag": lambda: client.clear_annotator_flag(ns, "nobody-flagged"),
         "NextItem": lambda: client.next_item(ns),
         # The fixture's image is in both tenants: the namespace decides, not the hash.
-        "GetImage": lambda: client.get_image(hashlib.sha256(png()).hexdigest(), ns),
+        "GetImage": lambda: client.get_image(hashlib.sha256(png("green")).hexdigest(), ns),
         "AddPoolItems": lambda: client.add_pool_items(
             [(png("red"), f"pool question {ns}?", "")], namespace=ns
         ),

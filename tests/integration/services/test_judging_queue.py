@@ -7,22 +7,14 @@ generates on demand (logged like client traffic), refusing a bad batch whole.
 from __future__ import annotations
 
 import hashlib
-import io
 import uuid
 
 import grpc
 import pytest
-from PIL import Image
 
 from illume.store import FeedbackStore
 
-from .conftest import client_for
-
-
-def png(colour: str, size: int = 32) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
+from .conftest import client_for, png
 
 
 @pytest.fixture

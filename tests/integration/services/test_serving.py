@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from PIL import Image
 
 from illume.v1 import illume_pb2 as pb
 
-from .conftest import KEYS, MAX_BATCH, client_for, metric_sum, settled_metric, wait_for_metric
-
-
-def png(colour: str = "red", size: int = 32) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
+from .conftest import KEYS, MAX_BATCH, client_for, metric_sum, png, settled_metric, wait_for_metric
 
 
 def code_of(call) -> grpc.StatusCode:

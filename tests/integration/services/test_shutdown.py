@@ -12,7 +12,6 @@ without a stack trace or an abort.
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import signal
@@ -26,9 +25,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from PIL import Image
 
 from illume.client import IllumeClient
+
+from .conftest import png
 
 pytestmark = pytest.mark.slow
 
@@ -45,12 +45,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def png() -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (32, 32), "red").save(out, "PNG")
-    return out.getvalue()
 
 
 @dataclass

@@ -11,14 +11,12 @@ app has none), and deploys the session's app again when it is done.
 
 from __future__ import annotations
 
-import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
-from PIL import Image
 
 from illume.adapters.artifacts import open_artifact_store
 from illume.adapters.manifest import publish_adapter
@@ -31,18 +29,12 @@ from illume.store import AdapterRegistry
 from illume.store.settings import StoreSettings
 from illume.training.round import load_adapter_model
 
-from .conftest import KEYS, SCOPED_KEYS, deploy, wait_for_metric
+from .conftest import KEYS, SCOPED_KEYS, deploy, png, wait_for_metric
 
 NS_X, NS_Y = "adapters-x", "adapters-y"
 SEEDS = {NS_X: 101, NS_Y: 202}
 QUESTION, ANSWER = "what colour is the square?", "red"
 SAMPLING = {"n": 3, "temperatures": [0.9], "top_k_fraction": 0.5, "max_new_tokens": 8}
-
-
-def png(colour: str = "red", size: int = 32) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def random_lora(base_dir: Path, out: Path, seed: int) -> Path:

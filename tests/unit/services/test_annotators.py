@@ -15,20 +15,15 @@ import grpc
 import pytest
 
 from illume.store import AdapterRegistry, FeedbackStore
-from illume.store import schema as s
 from illume.store.settings import StoreSettings
-from illume.store.types import Actor, AnnotatorFlag
+from illume.store.types import AnnotatorFlag
 from illume.training.reliability import AnnotatorAgreement, ReliabilityConfig
 from illume.training.snapshot import SnapshotConfig
 from illume.v1 import illume_pb2 as pb
-from illume.validation import RequestLimits
 from services import metrics
-from services.auth import Authenticator
-from services.config import ApiKey, AuthSettings
 from services.convert import annotator_to_pb, annotators_to_pb, cleared_flag_to_pb
-from services.servicers.base import DeclaredNamespaces
 from tests.unit.crowd import fill_judged_store
-from tests.unit.services.test_tenancy import Backend, Servicer, call, entry
+from tests.unit.services.test_tenancy import Backend, call, entry, tenant_servicer
 
 HONEST = ("honest-0", "honest-1", "honest-2")
 KEYS = {
@@ -116,17 +111,7 @@ def servicer(tmp_path: Path, monkeypatch) -> Any:
     settings = StoreSettings(url=f"sqlite:///{tmp_path}/f.db", held_out_fraction=0.1)
     with FeedbackStore(settings) as store:
         _fill(store, "tenant-a", 24)
-    registry = AdapterRegistry(s.create_store_engine(settings))
-    for name in ("tenant-a", "tenant-b"):
-        registry.declare_namespace(name, Actor("test"))
-    svc = Servicer()
-    svc.auth = Authenticator(AuthSettings(keys=[ApiKey.model_validate(k) for k in KEYS.values()]))
-    svc.limits = RequestLimits()
-    svc.registry = registry
-    svc.declared = DeclaredNamespaces(registry.declared_namespaces, 0.0)
-    svc.feedback_log = Backend()
-    svc.generator = Backend()
-    svc.loop_controller = None
+    svc = tenant_servicer(settings, KEYS, Backend())
     reliability = ReliabilityConfig(min_overlap_items=10)
     svc.config = SimpleNamespace(
         feedback_log=SimpleNamespace(store=settings),
@@ -135,7 +120,7 @@ def servicer(tmp_path: Path, monkeypatch) -> Any:
     yield svc
     if svc.feedback_store is not None:
         svc.feedback_store.close()
-    registry.close()
+    svc.registry.close()
 
 
 def _audit(svc: Any) -> list:

@@ -166,25 +166,32 @@ KEYS = {
 }
 
 
-@pytest.fixture
-def servicer(tmp_path: Path, monkeypatch) -> Servicer:
-    monkeypatch.setattr(metrics, "record_request", lambda *a: None)
-    settings = StoreSettings(url=f"sqlite:///{tmp_path}/f.db", image_dir=tmp_path / "img")
+def tenant_servicer(settings: StoreSettings, keys: dict[str, dict], feedback_log: Backend) -> Servicer:
+    """The servicers over a real registry with tenant-a and tenant-b declared, ``keys`` (entries as
+    ``entry`` makes them) and ``feedback_log`` standing in for the deployment."""
     registry = AdapterRegistry(s.create_store_engine(settings))
     for name in ("tenant-a", "tenant-b"):
         registry.declare_namespace(name, Actor("test"))
     svc = Servicer()
-    svc.auth = Authenticator(AuthSettings(keys=[ApiKey.model_validate(k) for k in KEYS.values()]))
+    svc.auth = Authenticator(AuthSettings(keys=[ApiKey.model_validate(k) for k in keys.values()]))
     svc.limits = RequestLimits()
     svc.registry = registry
     svc.declared = DeclaredNamespaces(registry.declared_namespaces, 0.0)
-    svc.feedback_log = Backend(
-        submit_feedback=lambda sub: FeedbackReceipt(feedback_id="f1", duplicate=False, revision=1),
-        stats=RuntimeError("not reached in these tests"),
-    )
+    svc.feedback_log = feedback_log
     svc.generator = Backend()
     svc.loop_controller = None
     return svc
+
+
+@pytest.fixture
+def servicer(tmp_path: Path, monkeypatch) -> Servicer:
+    monkeypatch.setattr(metrics, "record_request", lambda *a: None)
+    settings = StoreSettings(url=f"sqlite:///{tmp_path}/f.db", image_dir=tmp_path / "img")
+    feedback_log = Backend(
+        submit_feedback=lambda sub: FeedbackReceipt(feedback_id="f1", duplicate=False, revision=1),
+        stats=RuntimeError("not reached in these tests"),
+    )
+    return tenant_servicer(settings, KEYS, feedback_log)
 
 
 def audited(svc: Servicer, *args: Any) -> list:
