@@ -8,8 +8,9 @@ Contract:
   ``"module:function"``; the first line of its docstring is the verb's help. The core's verbs are
   modules of this package: ``generate`` (in-process sampling), ``client`` (the gRPC calls),
   ``eval`` (``evaluate``), ``loop`` (the in-process loop), ``simulate`` (a simulated critic against
-  a server). Other packages add verbs as entry points of the group ``illume.cli``; ``services``
-  adds ``serve`` and ``tune`` this way (``pyproject.toml``), so the core never imports
+  a server), ``study`` (the ILLUME study of docs/STUDY.md). Other packages add verbs as entry
+  points of the group ``illume.cli``; ``services`` adds ``serve`` and ``tune`` this way
+  (``pyproject.toml``), so the core never imports
   ``services`` or Ray, and an install without ``services`` has no such verbs.
 - A verb's module is imported and its flags added only when that verb is chosen (or
   ``verb_parser`` asks for it); the listing reads each help line from the source, so
@@ -48,6 +49,7 @@ CORE_VERBS = {
     "eval": "illume.cli.evaluate:configure",
     "loop": "illume.cli.loop:configure",
     "simulate": "illume.cli.simulate:configure",
+    "study": "illume.cli.study:configure",
 }
 
 

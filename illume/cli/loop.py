@@ -26,6 +26,7 @@ FLAGS = [
     Flag("pool_size", "pool"),
     Flag("feedback_per_round"),
     Flag("resample_accepted"),
+    Flag("stop_after_barren_rounds"),
     Flag("critic"),
     Flag("rouge_threshold"),
     Flag("n"),

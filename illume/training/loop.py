@@ -17,8 +17,17 @@ Contract (``run_loop(model_dir, train_items, val_items, config, out_dir=...)``):
   ``train.init_from="parent"``), loaded into the sampling model as ``round-k`` and evaluated on the
   validation items (``evaluate_generator``);
 - a round whose snapshot has no rationale row trains nothing and keeps the previous adapter;
-- every round writes ``out_dir/round-k/{snapshot.json, adapter/, eval.json}`` and one line of the
-  table (feedback, accepted, rows, val acceptance, answer accuracy).
+- the answer-only rows are topped up from ``replay_from`` when it is given (a study's whole train
+  split, so that training on every pool question still has answers to replay) instead of the pool;
+- every round writes ``out_dir/round-k/{judged.json, snapshot.json, adapter/, eval.json}``, then
+  ``round.json`` (its table line) last, and one line of the table (feedback, accepted, rows, val
+  acceptance, answer accuracy); ``on_round`` (if given) is called with each round, run or resumed;
+- with ``resume`` a round whose ``round.json`` exists is not run again: its judged items, record
+  and adapter are read back (the pool order drawn for it is drawn again, so the rounds after it ask
+  the same questions as an uninterrupted run would), and the baseline is read from
+  ``baseline.json``; a round interrupted before its ``round.json`` is run from its start;
+- with ``stop_after_barren_rounds`` N, the loop ends after N rounds in a row that accepted no
+  candidate (``LoopResult.stopped_early`` says so).
 """
 
 from __future__ import annotations
@@ -58,6 +67,9 @@ class LoopConfig(BaseModel):
     )
     resample_accepted: bool = Field(
         False, description="Ask again about questions that already have an accepted rationale."
+    )
+    stop_after_barren_rounds: int | None = Field(
+        None, ge=1, description="End the loop after this many rounds in a row with no accepted candidate."
     )
     critic: CriticName = Field("fact", description="The simulated critic that gives the feedback.")
     rouge_threshold: float = Field(0.7, gt=0, le=1, description="Acceptance threshold of the rouge_l critic.")
@@ -114,13 +126,47 @@ class LoopResult:
     baseline: dict[str, Any] | None
     rounds: list[LoopRound]
     seconds: float
+    stopped_early: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "baseline": self.baseline,
             "rounds": [r.to_dict() for r in self.rounds],
             "seconds": self.seconds,
+            "stopped_early": self.stopped_early,
         }
+
+
+# The fields of a loop's JudgedItem (the simulated critic leaves candidates and judgements empty).
+_JUDGED_FIELDS = (
+    "item_id",
+    "image",
+    "question",
+    "answer",
+    "accepted",
+    "answer_correct",
+    "generation_id",
+    "feedback_ids",
+    "round",
+    "candidates_judged",
+)
+
+
+def save_judged(items: Sequence[JudgedItem], path: Path) -> None:
+    """Write a round's judged items (what resuming needs to rebuild the history)."""
+    rows = [{name: getattr(item, name) for name in _JUDGED_FIELDS} for item in items]
+    write_atomically(path, json.dumps(rows, indent=0))
+
+
+def load_judged(path: Path) -> list[JudgedItem]:
+    return [JudgedItem(**row) for row in json.loads(path.read_text())]
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` so that a reader (or a resumed run) never sees half a file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 def _seed(*parts: object) -> int:
@@ -135,6 +181,7 @@ def val_summary(report: EvalReport) -> dict[str, Any]:
         "answer_accuracy": o.answer_accuracy,
         "acceptance_per_question": {k: v["per_question"] for k, v in o.acceptance.items()},
         "acceptance_per_candidate": {k: v["per_candidate"] for k, v in o.acceptance.items()},
+        "acceptance_greedy": {k: v["greedy"] for k, v in o.acceptance.items()},
         **{k: o.captions[k] for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr") if k in o.captions},
     }
 
@@ -213,6 +260,9 @@ def run_loop(
     out_dir: str | Path,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    replay_from: Sequence[VQAXItem] | None = None,
+    resume: bool = False,
+    on_round: Callable[[LoopRound], None] | None = None,
 ) -> LoopResult:
     """Run ``config.rounds`` ILLUME rounds in this process (see the module docstring)."""
     from illume.models import ModelSettings, load_model
@@ -227,7 +277,7 @@ def run_loop(
     pool = sorted(train_items, key=lambda i: _seed(config.seed, "pool", i.question_id))[: config.pool_size]
     val = list(val_items)[: config.val_limit] if config.val_limit else list(val_items)
     # Plain paths: the loop trains with the default image loader, which reads them from disk.
-    replay = replay_items(pool) if config.replay_pool else []
+    replay = replay_items(pool if replay_from is None else replay_from) if config.replay_pool else []
 
     def evaluate_now(adapter: str | None) -> EvalReport:
         return evaluate_generator(
@@ -247,28 +297,28 @@ def run_loop(
         )
 
     baseline = None
-    if config.eval_baseline:
+    if config.eval_baseline and resume and (out / "baseline.json").is_file():
+        baseline = json.loads((out / "baseline.json").read_text())
+    elif config.eval_baseline:
         report = evaluate_now(None)
         baseline = val_summary(report)
         (out / "baseline_eval.json").write_text(json.dumps(report.to_dict(samples=True), indent=1))
+        write_atomically(out / "baseline.json", json.dumps(baseline, indent=1))
         log(f"baseline: {format_val(baseline)}")
     log(table_header())
     history: list[JudgedItem] = []
     records: list[LoopRound] = []
     adapter: str | None = None
     adapter_dir: Path | None = None
-    rng = random.Random(_seed(config.seed, "order"))
-    for k in range(config.rounds):
+
+    def _run_round(k: int, asked: list[VQAXItem]) -> LoopRound:
+        nonlocal adapter, adapter_dir
         round_dir = out / f"round-{k}"
-        round_dir.mkdir(exist_ok=True)
-        with_rationale = {j.item_id for j in history if j.accepted}
-        asked = [i for i in pool if config.resample_accepted or i.question_id not in with_rationale]
-        rng.shuffle(asked)
-        asked = asked[: config.feedback_per_round] if config.feedback_per_round else asked
         t0 = time.perf_counter()
         judged = judge_pool(generator, asked, critic, round_index=k, adapter=adapter, config=config)
         sample_seconds = time.perf_counter() - t0
         history.extend(judged)
+        save_judged(judged, round_dir / "judged.json")
         snapshot = build_snapshot(
             history, config.snapshot.model_copy(update={"seed": config.snapshot.seed + k}), replay
         )
@@ -311,9 +361,44 @@ def run_loop(
             adapter_dir=str(adapter_dir) if adapter_dir else None,
             val=val_summary(report),
         )
-        records.append(record)
-        log(table_line(record))
-    result = LoopResult(baseline=baseline, rounds=records, seconds=time.perf_counter() - started)
+        write_atomically(round_dir / "round.json", json.dumps(record.to_dict(), indent=1))
+        return record
+
+    rng = random.Random(_seed(config.seed, "order"))
+    barren = 0
+    stopped_early = None
+    for k in range(config.rounds):
+        round_dir = out / f"round-{k}"
+        round_dir.mkdir(exist_ok=True)
+        with_rationale = {j.item_id for j in history if j.accepted}
+        asked = [i for i in pool if config.resample_accepted or i.question_id not in with_rationale]
+        rng.shuffle(asked)
+        asked = asked[: config.feedback_per_round] if config.feedback_per_round else asked
+        if resume and (round_dir / "round.json").is_file():
+            record = LoopRound(**json.loads((round_dir / "round.json").read_text()))
+            history.extend(load_judged(round_dir / "judged.json"))
+            if record.trained:
+                adapter_dir, adapter = round_dir / "adapter", f"round-{k}"
+                _install_adapter(generator, adapter_dir, adapter)
+            records.append(record)
+            log(table_line(record) + "  (resumed)")
+        else:
+            record = _run_round(k, asked)
+            records.append(record)
+            log(table_line(record))
+        if on_round is not None:
+            on_round(record)
+        barren = barren + 1 if record.accepted_candidates == 0 else 0
+        if config.stop_after_barren_rounds and barren >= config.stop_after_barren_rounds:
+            stopped_early = f"{barren} rounds in a row accepted no candidate (after round {k})"
+            log(f"stopped: {stopped_early}")
+            break
+    result = LoopResult(
+        baseline=baseline,
+        rounds=records,
+        seconds=time.perf_counter() - started,
+        stopped_early=stopped_early,
+    )
     (out / "loop.json").write_text(json.dumps(result.to_dict(), indent=1))
     return result
 
