@@ -90,3 +90,67 @@ def test_the_loop_verb_passes_the_lora_projections_and_the_schedule_to_the_train
     assert seen[0].lora_projections == TrainConfig().lora_projections and seen[0].lr_schedule == "constant"
     assert seen[1].lr_schedule == "linear"
     assert seen[1].lora_projections == ("q_proj", "gate_proj", "down_proj")
+
+
+def _barren_config(**update):
+    # ROUGE-L of a random model's candidates never reaches 1.0: no round accepts anything.
+    return LoopConfig(
+        rounds=3,
+        pool_size=6,
+        critic="rouge_l",
+        rouge_threshold=1.0,
+        n=2,
+        temperatures=(1.0,),
+        top_k_fraction=1.0,
+        max_new_tokens=4,
+        batch_size=4,
+        val_limit=2,
+        eval_critics=("rouge_l",),
+        eval_n=1,
+        eval_baseline=False,
+        meteor=False,
+        **update,
+    )
+
+
+def test_the_loop_stops_after_the_configured_barren_rounds(tiny_model, tiny_world, tmp_path):
+    result = run_loop(tiny_model, tiny_world["train"], tiny_world["val"],
+                      _barren_config(stop_after_barren_rounds=2), out_dir=tmp_path, progress=False,
+                      log=lambda line: None)  # fmt: skip
+    assert [r.round for r in result.rounds] == [0, 1] and not any(r.trained for r in result.rounds)
+    assert result.stopped_early and "2 rounds in a row" in result.stopped_early
+    assert json.loads((tmp_path / "loop.json").read_text())["stopped_early"] == result.stopped_early
+    unbounded = run_loop(tiny_model, tiny_world["train"], tiny_world["val"], _barren_config(),
+                         out_dir=tmp_path / "all", progress=False, log=lambda line: None)  # fmt: skip
+    assert len(unbounded.rounds) == 3 and unbounded.stopped_early is None
+
+
+def test_answers_are_replayed_from_the_given_split_when_every_pool_question_has_a_rationale(
+    tiny_model, tiny_world, tmp_path
+):
+    config = LoopConfig(
+        rounds=1,
+        pool_size=4,
+        resample_accepted=True,
+        critic="rouge_l",
+        rouge_threshold=0.01,  # everything with a word in common is accepted
+        n=3,
+        temperatures=(1.0,),
+        top_k_fraction=1.0,
+        max_new_tokens=8,
+        batch_size=4,
+        val_limit=2,
+        eval_critics=("rouge_l",),
+        eval_n=1,
+        eval_baseline=False,
+        meteor=False,
+        snapshot=SnapshotConfig(replay_ratio=2),
+        train=TrainConfig(learning_rate=0.05, epochs=1, batch_size=4),
+    )
+    result = run_loop(tiny_model, tiny_world["train"], tiny_world["val"], config, out_dir=tmp_path,
+                      progress=False, log=lambda line: None, replay_from=tiny_world["train"])  # fmt: skip
+    snapshot = Snapshot.load(tmp_path / "round-0" / "snapshot.json")
+    pool_ids = set(snapshot.manifest.rationale_sources) | set(snapshot.manifest.answer_sources)
+    replayed = {s.removeprefix("pool:") for s in snapshot.manifest.pool_sources}
+    assert result.rounds[0].answer_rows > 0 and replayed
+    assert replayed <= {i.question_id for i in tiny_world["train"]} and not replayed & pool_ids
