@@ -9,7 +9,7 @@ import pytest
 
 from illume.cli import build_parser, main, verb_targets
 
-VERBS = ["generate", "client", "eval", "loop", "simulate", "serve", "tune"]
+VERBS = ["generate", "client", "eval", "loop", "simulate", "study", "serve", "tune"]
 
 
 def test_every_verb_is_listed_with_the_help_of_its_configure_function():
@@ -63,6 +63,17 @@ def test_the_verb_listing_imports_no_verb_module_nor_model_code():
             {"data_dir": "D", "grpc_port": 50052, "num_cpus": 4},
         ),
         ("tune --data-dir D --namespace ns", {"data_dir": "D", "namespace": "ns"}),
+        (
+            "study run sft-10-seed2 illume-paper-seed3 --pool 40 --rounds 2 --work W",
+            {
+                "names": ["sft-10-seed2", "illume-paper-seed3"],
+                "pool": 40,
+                "rounds": 2,
+                "work": "W",
+                "verb": "run",
+            },
+        ),
+        ("study report --seeds 2 3 --out O", {"seeds": [2, 3], "out": "O", "verb": "report"}),
     ],
 )
 def test_request_flags_keep_their_spelling(argv, expected):
@@ -81,6 +92,14 @@ def test_an_illume_error_is_reported_with_exit_status_2(monkeypatch, capsys):
     monkeypatch.setattr(simulate_verb, "run", fail)
     assert main(["simulate", "--rounds", "1"]) == 2
     assert capsys.readouterr().err == "error: no world here\n"
+
+
+def test_a_bad_study_run_name_exits_2_with_the_reason_before_anything_runs(tmp_path, capsys):
+    records = tmp_path / "records"
+    argv = ["study", "run", "sft-10-seed2", "sft-0-seed2", "--records", str(records), "--work", str(tmp_path)]
+    assert main(argv) == 2
+    assert "an SFT share is a percent in (0, 100]: 'sft-0-seed2'" in capsys.readouterr().err
+    assert not records.exists()
 
 
 def test_serve_runs_the_config_its_flags_built(tmp_path, monkeypatch):
