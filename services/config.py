@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from illume.evaluation.canary import CanaryConfig
 from illume.evaluation.gate import GateConfig
 from illume.models.loading import ModelSettings
 from illume.selection import SelectionConfig
@@ -249,11 +250,30 @@ class TuningSettings(_Settings):
         "the replay ratio asks for (None: judged questions only). Every training worker reads it.",
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training of each round.")
-    gate: GateConfig = Field(default_factory=GateConfig, description="The promotion gate.")
+    gate: GateConfig = Field(
+        default_factory=GateConfig,
+        description="The promotion gate. Unless gate.allow_empty, a round waits (the controller does not "
+        "start it; a round started anyway ends rejected before training) while the held-out split "
+        "holds fewer than gate.min_items usable items.",
+    )
     gate_max_items: int = Field(
         200, ge=1, description="Held-out generations the gate scores at most (newest)."
     )
+    canary: CanaryConfig = Field(
+        default_factory=CanaryConfig,
+        description="The canary stage: a gate-passed adapter serves canary.share of unpinned traffic and "
+        "the controller promotes it or rolls it back on live feedback (off: straight to production).",
+    )
     keep_last: int = Field(10, ge=1, description="Adapter versions kept (aliased ones are always kept).")
+
+    @model_validator(mode="after")
+    def _check_gate(self) -> TuningSettings:
+        if self.gate.min_items > self.gate_max_items:
+            raise ValueError(
+                f"tuning.gate.min_items ({self.gate.min_items}) exceeds tuning.gate_max_items "
+                f"({self.gate_max_items}): the gate could never have enough evidence"
+            )
+        return self
 
 
 class AppConfig(_Settings):
@@ -332,7 +352,13 @@ def default_config(data_dir: Path, model_dir: Path, replay_data: Path | None = N
     return AppConfig(
         generator=GeneratorSettings(model=ModelSettings(path=model_dir, model_id=_model_id(Path(model_dir)))),
         feedback_log=FeedbackLogSettings(
-            store=StoreSettings(url=f"sqlite:///{data_dir / 'feedback.db'}", image_dir=data_dir / "images")
+            store=StoreSettings(
+                url=f"sqlite:///{data_dir / 'feedback.db'}",
+                image_dir=data_dir / "images",
+                # A fifth of the images: a round starts after 50 accepted judgements
+                # (min_new_judgements), of which about 10 are held out, the gate's min_items.
+                held_out_fraction=0.2,
+            )
         ),
         artifact_uri=str(data_dir / "adapters"),
         # One machine: the data directory is the same for every Ray process.
@@ -344,7 +370,8 @@ def default_config(data_dir: Path, model_dir: Path, replay_data: Path | None = N
             # replay questions it sees every epoch, and its other answers slip.
             snapshot=SnapshotConfig(replay_passes=train.epochs if replay_data is not None else 1),
             replay_data=str(replay_data) if replay_data is not None else None,
-            # A laptop's held-out split starts empty; promote while it holds too little evidence.
-            gate=GateConfig(min_items=10, allow_empty=True, tokenize=False),
+            # No promotion without evidence: the first round waits until the held-out split holds
+            # 10 usable items (a small model's laptop run; the fields' default is 20).
+            gate=GateConfig(min_items=10, allow_empty=False, tokenize=False),
         ),
     )

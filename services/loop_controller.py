@@ -18,7 +18,17 @@ Contract:
   ``max_resubmissions`` times (the job ids ``illume-round-<round_id>``, then ``...-retry-<n>``),
   and the new job reuses the round's snapshot and resumes from the last checkpoint; beyond that,
   or when its job was stopped, or past ``job_timeout_s``, the round is marked failed with the
-  reason, so the next one can start.
+  reason, so the next one can start;
+- no round starts, even on demand with ``force``, while the held-out split holds fewer usable
+  items than the gate's ``min_items`` (unless ``gate.allow_empty``): ``start_round`` answers
+  FailedPrecondition "waiting for held-out evidence: <n> of <min_items> items" and ``tick`` keeps
+  the reason in ``waiting[namespace]`` (logged once per change) until the split fills;
+- a round in state ``canary`` (``tuning.canary.enabled``: the gate passed and the adapter serves
+  the canary share) is judged on every pass by ``illume.evaluation.canary.decide_canary`` on the
+  feedback of generations created since the canary started: it waits for ``min_sample`` judged
+  generations on each side, then moves production to the canary's version, or rolls it back
+  (the ``canary`` alias removed, the version marked rejected, production untouched); the round
+  ends promoted or rejected with the reason, and the compared numbers in ``scores.canary``.
 """
 
 from __future__ import annotations
@@ -34,15 +44,20 @@ from typing import Any
 
 from ray import serve
 
+from illume.adapters import CANARY, PRODUCTION
 from illume.errors import FailedPrecondition
+from illume.evaluation.canary import ArmStats, decide_canary, tally
+from illume.evaluation.gate import waiting_for_evidence
 from illume.store import AdapterRegistry, FeedbackStore
-from illume.store.types import TERMINAL_ROUND_STATES, Actor, RoundRecord
+from illume.store.types import TERMINAL_ROUND_STATES, Actor, RoundRecord, parse_rfc3339
+from illume.training.from_store import gate_evidence
 from services.config import AppConfig
 from services.tuner import encode_config
 
 log = logging.getLogger("ray.serve")
 LEASE = "loop-controller"
-ACTIVE_STATES = ("pending", "snapshot", "training", "evaluating")
+# A round in "canary" is unfinished too: no new round starts until the canary is decided.
+ACTIVE_STATES = ("pending", "snapshot", "training", "evaluating", "canary")
 JOB_ENDED = {"SUCCEEDED", "FAILED", "STOPPED"}
 SUBMIT_GRACE_S = 120.0
 # Rounds the controller starts on its own are audited under this principal.
@@ -122,6 +137,8 @@ class LoopControllerCore:
         self._connect = connect or _job_submission_client
         self._resolve = resolve or cluster_dashboard_address
         self._lock = threading.Lock()
+        # Per namespace: why a due round did not start on the last pass (e.g. waiting for evidence).
+        self.waiting: dict[str, str] = {}
 
     def jobs_address(self) -> str:
         """The Jobs API address to use now (configured, else looked up in the cluster)."""
@@ -165,6 +182,13 @@ class LoopControllerCore:
     def new_judgements(self, namespace: str) -> int:
         return self.accepted_judgements(namespace) - self._accepted_at_last_round(namespace)
 
+    def waiting_for_evidence(self, namespace: str) -> str | None:
+        """Why a round of ``namespace`` must wait for its held-out split (None: it may start)."""
+        gate = self.tuning.gate
+        if gate.allow_empty:
+            return None
+        return waiting_for_evidence(gate, gate_evidence(self.store, namespace, self.tuning.gate_max_items))
+
     def start_round(self, namespace: str, force: bool = False, actor: Actor | None = None) -> RoundRecord:
         """Create the round record and submit its job (FailedPrecondition when it may not start).
         The round's creation is audited (``round.start``) under ``actor`` (the admin who asked, or
@@ -181,6 +205,10 @@ class LoopControllerCore:
             needed = self.tuning.min_new_judgements
             if not force and new < needed:
                 raise FailedPrecondition(f"{new} new accepted judgements since the last round; need {needed}")
+            # Even a forced round waits for the gate's evidence: without it the gate refuses.
+            waiting = self.waiting_for_evidence(namespace)
+            if waiting:
+                raise FailedPrecondition(waiting)
             record = self.registry.create_round(
                 namespace,
                 "pending",
@@ -251,6 +279,8 @@ class LoopControllerCore:
     def check_round(self, record: RoundRecord) -> RoundRecord:
         """Watch an unfinished round: re-attach to its running job, resubmit it when its job is
         gone or its driver died, fail it when its job was stopped or it ran too long."""
+        if record.state == "canary":
+            return self.check_canary(record)
         age = (datetime.now(UTC) - record.started_at).total_seconds()
         if not record.job_id:
             if age > SUBMIT_GRACE_S:
@@ -275,6 +305,49 @@ class LoopControllerCore:
             return self.registry.update_round(record.round_id, "failed", reason="job timeout")
         return record  # running (or pending): re-attached, watched on the next pass
 
+    def check_canary(self, record: RoundRecord) -> RoundRecord:
+        """Judge a round's canary on the feedback of generations since it started: wait for
+        ``min_sample`` judged generations on each side, then move it to production or roll it back
+        (remove the ``canary`` alias, mark the version rejected; production is untouched), ending
+        the round with the reason and the compared numbers (``scores.canary``)."""
+        namespace, version = record.namespace, record.adapter_version
+        canary = dict(record.scores.get("canary", {}))
+        aliases = self.registry.aliases(namespace)
+        if CANARY not in aliases or aliases[CANARY].version != version:
+            # An operator moved the canary alias: the round's canary no longer serves.
+            promoted = PRODUCTION in aliases and aliases[PRODUCTION].version == version
+            return self.registry.update_round(
+                record.round_id,
+                "promoted" if promoted else "rejected",
+                reason=f"canary v{version}: the canary alias was moved by an operator",
+            )
+        since = parse_rfc3339(canary.get("started_at", "")) or aliases[CANARY].updated_at
+        production = aliases[PRODUCTION].version if PRODUCTION in aliases else 0
+        arms = tally(self.store.iter_judged(namespace, include_held_out=True, since=since), since)
+        decision = decide_canary(
+            arms.get(version, ArmStats(version)),
+            arms.get(production, ArmStats(production)),
+            self.tuning.canary,
+        )
+        if decision.action == "wait":
+            if decision.reason != canary.get("waiting"):
+                log.info("round %s: %s", record.round_id, decision.reason)
+                scores = {**record.scores, "canary": {**canary, "waiting": decision.reason}}
+                return self.registry.update_round(record.round_id, scores=scores)
+            return record
+        scores = {**record.scores, "canary": {**canary, **decision.to_dict()}}
+        scores["canary"].pop("waiting", None)
+        if decision.action == "promote":
+            self.registry.set_alias(namespace, PRODUCTION, version, actor=CONTROLLER_ACTOR)
+            self.registry.remove_alias(namespace, CANARY, actor=CONTROLLER_ACTOR)
+            state = "promoted"
+        else:
+            self.registry.remove_alias(namespace, CANARY, actor=CONTROLLER_ACTOR)
+            self.registry.mark_rejected(namespace, version, decision.reason)
+            state = "rejected"
+        log.warning("round %s: %s", record.round_id, decision.reason)
+        return self.registry.update_round(record.round_id, state, reason=decision.reason, scores=scores)
+
     def tick(self) -> None:
         """One pass: keep the lease, watch running rounds, start due ones."""
         if not self.tuning.enabled or not self.holds_lease():
@@ -286,8 +359,11 @@ class LoopControllerCore:
             elif self.new_judgements(namespace) >= self.tuning.min_new_judgements:
                 try:
                     self.start_round(namespace)
+                    self.waiting.pop(namespace, None)
                 except FailedPrecondition as exc:
-                    log.info("round not started: %s", exc.reason)
+                    if self.waiting.get(namespace) != exc.reason:  # once per change, not every pass
+                        log.info("round of %s not started: %s", namespace, exc.reason)
+                    self.waiting[namespace] = exc.reason
 
     def close(self) -> None:
         self.registry.release_lease(LEASE, self.holder)

@@ -27,8 +27,14 @@ Contract:
   the current production on the same held-out generations (their accepted rationales as
   references) and promotes only a candidate that is not worse beyond the tolerance; the registry
   assigns the version either way (a rejected one is marked so);
-- the round record moves pending -> snapshot -> training -> evaluating -> promoted | rejected |
-  failed, with a one-line reason; a failure anywhere leaves serving untouched.
+- a new round whose held-out split holds fewer usable items than the gate's ``min_items`` (and
+  ``allow_empty`` unset) ends ``rejected`` before its snapshot with "waiting for held-out
+  evidence: <n> of <min_items> items" (the LoopController does not start such a round at all);
+- with ``tuning.canary.enabled`` a gate-passed adapter goes to the ``canary`` alias with its
+  ``share`` and the round ends the job in state ``canary`` (``scores.canary.started_at``); the
+  LoopController then promotes it or rolls it back on live feedback and ends the round;
+- the round record moves pending -> snapshot -> training -> evaluating -> [canary ->] promoted |
+  rejected | failed, with a one-line reason; a failure anywhere leaves serving untouched.
 """
 
 from __future__ import annotations
@@ -47,9 +53,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from illume.adapters import PRODUCTION
+from illume.adapters import CANARY, PRODUCTION
 from illume.store import AdapterRegistry, FeedbackStore
-from illume.store.types import RoundRecord
+from illume.store.types import RoundRecord, rfc3339, utcnow
 from illume.training.snapshot import ReplayItem, Snapshot, build_snapshot
 from services.config import AppConfig
 
@@ -555,8 +561,9 @@ def run_round(config: AppConfig, namespace: str, round_id: str) -> RoundRecord:
     training from the run's latest checkpoint."""
     from illume.adapters.artifacts import open_artifact_store
     from illume.adapters.manifest import publish_adapter
+    from illume.evaluation.gate import waiting_for_evidence
     from illume.models.loading import base_model_fingerprint
-    from illume.training.from_store import cleared_annotators, flagged_annotators, judged_items
+    from illume.training.from_store import cleared_annotators, flagged_annotators, gate_evidence, judged_items
 
     store = FeedbackStore(config.feedback_log.store)
     registry = AdapterRegistry(store)
@@ -574,6 +581,13 @@ def run_round(config: AppConfig, namespace: str, round_id: str) -> RoundRecord:
         mark = now
 
     try:
+        if not record.snapshot_sha256:
+            # No training without the evidence to judge it: the gate would refuse it anyway.
+            waiting = waiting_for_evidence(
+                config.tuning.gate, gate_evidence(store, namespace, config.tuning.gate_max_items)
+            )
+            if waiting:
+                return registry.update_round(round_id, "rejected", reason=waiting)
         check_locations(config, _connect_ray())
         if record.snapshot_sha256:
             snapshot, snapshot_uri = _recorded_snapshot(artifacts, namespace, record.snapshot_sha256, work)
@@ -639,17 +653,26 @@ def run_round(config: AppConfig, namespace: str, round_id: str) -> RoundRecord:
             "train": published.manifest.get("metrics", {}),
             "timings": timings,
         }
-        if decision.promote:
+        canary = config.tuning.canary
+        if decision.promote and canary.enabled:
+            # The canary stage: the LoopController promotes it or rolls it back on live feedback.
+            registry.set_alias(namespace, CANARY, published.version, share=canary.share)
+            scores["canary"] = {
+                "version": published.version,
+                "share": canary.share,
+                "started_at": rfc3339(utcnow()),
+            }
+            state = "canary"
+            reason = f"gate passed; canary serving {canary.share:g} of traffic: {decision.reason}"
+        elif decision.promote:
             registry.set_alias(namespace, PRODUCTION, published.version)
+            state, reason = "promoted", decision.reason
         else:
             registry.mark_rejected(namespace, published.version, decision.reason)
+            state, reason = "rejected", decision.reason
         lap("promotion")
         final = registry.update_round(
-            round_id,
-            "promoted" if decision.promote else "rejected",
-            reason=decision.reason,
-            adapter_version=published.version,
-            scores=scores,
+            round_id, state, reason=reason, adapter_version=published.version, scores=scores
         )
         for old in registry.apply_retention(namespace, config.tuning.keep_last):
             artifacts.delete(old.artifact_uri)
@@ -686,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     )
-    return 0 if record.state in ("promoted", "rejected") else 1
+    return 0 if record.state in ("promoted", "rejected", "canary") else 1
 
 
 def configure_tune(parser: argparse.ArgumentParser) -> None:
@@ -726,7 +749,7 @@ def _tune(args: argparse.Namespace) -> int:
             indent=1,
         )
     )
-    return 0 if final.state in ("promoted", "rejected") else 1
+    return 0 if final.state in ("promoted", "rejected", "canary") else 1
 
 
 if __name__ == "__main__":

@@ -779,12 +779,18 @@ class FeedbackStore:
         }
 
     def iter_judged(
-        self, namespace: str = "", include_held_out: bool = False, since: datetime | None = None
+        self,
+        namespace: str = "",
+        include_held_out: bool = False,
+        since: datetime | None = None,
+        *,
+        only_held_out: bool = False,
     ) -> Iterator[GenerationRecord]:
         """Generations with at least one current non-skipped judgement, oldest first.
 
         Each comes with its candidates and all current judgements (skips included). With ``since``
-        only generations with a current judgement stored at or after that time are yielded. Reads
+        only generations with a current judgement stored at or after that time are yielded; with
+        ``only_held_out`` only held-out ones (the gate's evidence, without reading the rest). Reads
         in batches, each in its own short transaction, so a long snapshot build holds no lock.
         """
         namespace = normalize_namespace(namespace)
@@ -804,7 +810,9 @@ class FeedbackStore:
                 .order_by(g.c.seq)
                 .limit(_READ_BATCH)
             )
-            if not include_held_out:
+            if only_held_out:
+                query = query.where(g.c.held_out.is_(True))
+            elif not include_held_out:
                 query = query.where(g.c.held_out.is_(False))
             if since is not None:
                 query = query.where(g.c.generation_id.in_(recent))

@@ -17,10 +17,13 @@ Contract:
   fallback. SQLite has no push: polling the epoch is the mechanism there.
 - Aliases keep a history; ``rollback`` points ``production`` at the version it named before its
   latest promotion (successive rollbacks walk further back, like popping a stack).
+  ``remove_alias`` deletes an alias (the loop controller ends a canary with it; no history entry).
+- Writers of aliases also include the loop controller: it moves ``production`` to a canary that
+  held up and removes the ``canary`` alias (docs/ARCHITECTURE.md, "The canary").
 - Namespaces exist once declared (``declare_namespace``; migration 3 declared ``default`` and
   every name already in use); rows are never deleted. ``declared_namespaces()`` is what serving
-  watches. Audited changes (``set_alias``, ``rollback``, ``create_round`` given an ``actor``,
-  ``declare_namespace``) write their ``audit`` row in the changing transaction; other events use
+  watches. Audited changes (``set_alias``, ``rollback``, ``remove_alias``, ``create_round`` given
+  an ``actor``, ``declare_namespace``) write their ``audit`` row in the changing transaction; other events use
   ``record_audit``.
 - Leases: ``acquire_lease`` is one atomic upsert that succeeds when the lease is free, expired, or
   already held by the caller; the ``token`` grows on every change of holder (fencing). Expiry uses
@@ -390,6 +393,20 @@ class AdapterRegistry:
                 {"alias": alias, "version": record.version, "share": share},
             )
             return self._get(conn, namespace, record.version)
+
+    def remove_alias(self, namespace: str, alias: str, actor: Actor | None = None) -> bool:
+        """Remove ``alias`` (a rolled-back canary: its version serves no traffic any more); returns
+        whether it existed. Replicas drop it on their next refresh (the epoch is bumped). With an
+        ``actor``, the ``adapter.unalias`` audit row is written in the same transaction."""
+        namespace = normalize_namespace(namespace)
+        al = s.aliases
+        with self._tx() as conn:
+            gone = conn.execute(delete(al).where(al.c.namespace == namespace, al.c.alias == alias)).rowcount
+            if not gone:
+                return False
+            self._bump(conn, namespace, new_version=False)
+            self._audit(conn, actor, "adapter.unalias", namespace, {"alias": alias})
+            return True
 
     def _move_alias(
         self, conn: Connection, namespace: str, alias: str, version: int, share: float | None, action: str

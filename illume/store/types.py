@@ -24,7 +24,9 @@ FinishReason = Literal["eos", "length"]
 VerdictKind = Literal["selected", "none_fit", "skipped"]
 ExportFormat = Literal["sft", "dpo", "kto"]
 AdapterState = Literal["registered", "rejected", "deleted"]
-RoundState = Literal["pending", "snapshot", "training", "evaluating", "promoted", "rejected", "failed"]
+RoundState = Literal[
+    "pending", "snapshot", "training", "evaluating", "canary", "promoted", "rejected", "failed"
+]
 
 VERDICTS: tuple[str, ...] = ("selected", "none_fit", "skipped")
 FINISH_REASONS: tuple[str, ...] = ("eos", "length")
@@ -34,6 +36,8 @@ ROUND_STATES: tuple[str, ...] = (
     "snapshot",
     "training",
     "evaluating",
+    # The gate passed and the adapter serves the canary share; the LoopController ends the round.
+    "canary",
     "promoted",
     "rejected",
     "failed",

@@ -24,6 +24,9 @@ Contract:
   held-out generations that have at least one fitting candidate and no judgement saying their
   answer is wrong (references that justify a wrong answer are no reference), as ``GateItem``s whose
   references are the accepted texts; images load lazily from the store.
+- ``gate_evidence(store, namespace, limit)``: how many items ``gate_items`` would return now,
+  without reading an image (the LoopController and the round wait while it is below the gate's
+  ``min_items``).
 - ``store_image_loader(store)``: image sha256 -> decoded RGB image (``illume.images.decode_image``).
 - ``flagged_annotators(store, namespace)``: the annotators of ``namespace`` with an uncleared flag
   (``FeedbackStore.annotator_flags``), for ``build_snapshot(..., flagged_annotators=...)``.
@@ -36,7 +39,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from PIL import Image
@@ -126,18 +129,37 @@ def store_image_loader(store: Any) -> Callable[[str], Image.Image]:
     return load
 
 
+def _gate_records(
+    store: Any, namespace: str, include_corrected: bool
+) -> Iterator[tuple[GenerationRecord, tuple[str, ...]]]:
+    """Held-out generations usable by the gate, oldest first, with their references."""
+    for record in store.iter_judged(namespace, include_held_out=True, only_held_out=True):
+        if not record.held_out or _answer_correct(record) is False:
+            continue
+        references = _accepted(record, include_corrected)
+        if references:
+            yield record, references
+
+
+def gate_evidence(store: Any, namespace: str, limit: int, *, include_corrected: bool = False) -> int:
+    """How many items ``gate_items`` would return now (no image is read): the gate's evidence."""
+    if limit < 1:
+        return 0
+    count = 0
+    for _ in _gate_records(store, namespace, include_corrected):
+        count += 1
+        if count >= limit:
+            break
+    return count
+
+
 def gate_items(store: Any, namespace: str, limit: int, *, include_corrected: bool = False) -> list[GateItem]:
     """The ``limit`` newest held-out generations with accepted rationales, as gate items."""
     if limit < 1:
         return []
     loader = store_image_loader(store)
     chosen: deque[GateItem] = deque(maxlen=limit)
-    for record in store.iter_judged(namespace, include_held_out=True):
-        if not record.held_out or _answer_correct(record) is False:
-            continue
-        references = _accepted(record, include_corrected)
-        if not references:
-            continue
+    for record, references in _gate_records(store, namespace, include_corrected):
         chosen.append(
             GateItem(
                 generation_id=record.generation_id,
@@ -186,6 +208,7 @@ __all__ = [
     "agreement",
     "cleared_annotators",
     "flagged_annotators",
+    "gate_evidence",
     "gate_items",
     "judged_item",
     "judged_items",

@@ -251,3 +251,12 @@ def settled_metric(port: int, name: str, timeout: float = 30.0, **labels: str) -
             return value
         value = again
     return value
+
+
+def tiny_llava_for(items: list, directory: Path) -> Path:
+    """A tiny random LLaVA whose tokenizer knows ``items``' world and the prompts' own words."""
+    from illume.generation.prompts import answer_prompt, rationale_prompt
+    from illume.world import world_texts
+
+    texts = [*world_texts(items, distractors=1), rationale_prompt("what", "yes"), answer_prompt("what")]
+    return build_tiny_vlm("llava", directory, texts, image_size=32, patch_size=8)

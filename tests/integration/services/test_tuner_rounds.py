@@ -23,6 +23,7 @@ from illume.store.settings import StoreSettings
 from illume.training.round import TrainConfig
 from illume.training.snapshot import SnapshotConfig
 from tests.integration.conftest import free_port
+from tests.integration.services.conftest import tiny_llava_for
 
 pytestmark = pytest.mark.slow
 BUCKET = "illume-rounds"
@@ -66,16 +67,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, world) -> Path:
-    from illume.generation.prompts import answer_prompt, rationale_prompt
-    from illume.models.tiny import build_tiny_vlm
-    from illume.world import world_texts
-
-    texts = [
-        *world_texts(world["train"], distractors=1),
-        rationale_prompt("what", "yes"),
-        answer_prompt("what"),
-    ]
-    return build_tiny_vlm("llava", tmp_path_factory.mktemp("model"), texts, image_size=32, patch_size=8)
+    return tiny_llava_for(world["train"], tmp_path_factory.mktemp("model"))
 
 
 def _judge(store: FeedbackStore, item, question: str, key: str) -> None:

@@ -232,7 +232,7 @@ def test_serve_shows_the_embedded_defaults_that_apply():
     helps = {a.dest: " ".join((a.help or "").split()) for a in _options(parser)}
     # These differ on purpose from the fields' own defaults (services/config.py default_config).
     assert "(default: 0.0005)" in helps["lr"] and "(default: 16)" in helps["lora_r"]
-    assert "(default: 10)" in helps["gate_min_items"] and "(default: True)" in helps["gate_allow_empty"]
+    assert "(default: 10)" in helps["gate_min_items"] and "(default: False)" in helps["gate_allow_empty"]
     for name, flag in flags.flags.items():
         if flag.follows is None:
             assert f"(default: {get_path(embedded, flag.path)})".replace("%%", "%") in helps[name], name

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
+from illume.evaluation.gate import GateConfig
 from illume.store import AdapterRegistry, FeedbackStore
 from illume.store.settings import StoreSettings
 from illume.store.types import AnnotatorFlag
@@ -211,7 +212,9 @@ def test_a_round_stores_the_flags_its_snapshot_raised_and_passes_the_stored_ones
         feedback_log=FeedbackLogSettings(store=settings),
         artifact_uri=str(tmp_path / "artifacts"),
         tuning=TuningSettings(
-            snapshot=SnapshotConfig(replay_ratio=0, reliability=ReliabilityConfig(min_overlap_items=10))
+            snapshot=SnapshotConfig(replay_ratio=0, reliability=ReliabilityConfig(min_overlap_items=10)),
+            # No held-out split here (held_out_fraction 0): this test is about flags, not evidence.
+            gate=GateConfig(allow_empty=True),
         ),
     )
     with FeedbackStore(settings) as store:
