@@ -39,7 +39,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from illume.data.vqax import VQAXItem
-from illume.training.loop import LoopConfig, LoopRound, val_summary, write_atomically
+from illume.training.loop import LoopConfig, LoopRound, evaluate_with, val_summary, write_atomically
 from illume.training.round import TrainConfig
 
 Family = Literal["base", "sft", "illume"]
@@ -251,30 +251,6 @@ def save_record(record: dict[str, Any], ctx: StudyContext) -> Path:
     return path
 
 
-def _evaluate(
-    generator: Any, items: Sequence[VQAXItem], adapter: str | None, ctx: StudyContext, seed: int
-) -> dict[str, Any]:
-    from illume.critics import make_critic
-    from illume.evaluation.evaluate import evaluate_generator
-
-    loop = ctx.study.loop
-    report = evaluate_generator(
-        generator,
-        items,
-        adapter=adapter,
-        critics=[make_critic(c, loop.rouge_threshold) for c in loop.eval_critics],
-        n=loop.eval_n,
-        temperatures=loop.temperatures,
-        top_k_fraction=loop.top_k_fraction,
-        max_new_tokens=loop.max_new_tokens,
-        seed=seed,
-        batch_size=loop.batch_size,
-        meteor=loop.meteor,
-        progress=False,
-    )
-    return val_summary(report)
-
-
 def _measure(
     adapter_dir: Path | None, split: Sequence[VQAXItem], ctx: StudyContext, seed: int
 ) -> dict[str, Any]:
@@ -283,7 +259,7 @@ def _measure(
     generator, installed = load_generator(
         ctx.model_dir, adapter_dir, ctx.study.loop.device, adapter_name="study"
     )
-    return _evaluate(generator, split, installed, ctx, seed)
+    return val_summary(evaluate_with(generator, split, installed, ctx.study.loop, seed=seed))
 
 
 def round_entry(r: LoopRound, judged_so_far: tuple[int, int]) -> dict[str, Any]:

@@ -186,6 +186,34 @@ def val_summary(report: EvalReport) -> dict[str, Any]:
     }
 
 
+def evaluate_with(
+    generator: Generator,
+    items: Sequence[VQAXItem],
+    adapter: str | None,
+    config: LoopConfig,
+    *,
+    seed: int,
+    progress: bool = False,
+    settings: dict[str, Any] | None = None,
+) -> EvalReport:
+    """Evaluate ``adapter`` on ``items`` with the loop's evaluation settings (critics, n, sampling)."""
+    return evaluate_generator(
+        generator,
+        items,
+        adapter=adapter,
+        critics=[make_critic(c, config.rouge_threshold) for c in config.eval_critics],
+        n=config.eval_n,
+        temperatures=config.temperatures,
+        top_k_fraction=config.top_k_fraction,
+        max_new_tokens=config.max_new_tokens,
+        seed=seed,
+        batch_size=config.batch_size,
+        meteor=config.meteor,
+        progress=progress,
+        settings=settings,
+    )
+
+
 def judge_pool(
     generator: Generator,
     items: Sequence[VQAXItem],
@@ -273,25 +301,18 @@ def run_loop(
     (out / "config.json").write_text(config.model_dump_json(indent=1))
     generator = Generator(load_model(ModelSettings(path=Path(model_dir), device=config.device)))
     critic = make_critic(config.critic, config.rouge_threshold)
-    eval_critics = [make_critic(c, config.rouge_threshold) for c in config.eval_critics]
     pool = sorted(train_items, key=lambda i: _seed(config.seed, "pool", i.question_id))[: config.pool_size]
     val = list(val_items)[: config.val_limit] if config.val_limit else list(val_items)
     # Plain paths: the loop trains with the default image loader, which reads them from disk.
     replay = replay_items(pool if replay_from is None else replay_from) if config.replay_pool else []
 
     def evaluate_now(adapter: str | None) -> EvalReport:
-        return evaluate_generator(
+        return evaluate_with(
             generator,
             val,
-            adapter=adapter,
-            critics=eval_critics,
-            n=config.eval_n,
-            temperatures=config.temperatures,
-            top_k_fraction=config.top_k_fraction,
-            max_new_tokens=config.max_new_tokens,
+            adapter,
+            config,
             seed=config.seed,
-            batch_size=config.batch_size,
-            meteor=config.meteor,
             progress=progress,
             settings={"model": str(model_dir), "adapter": adapter},
         )
@@ -448,4 +469,4 @@ def table_line(r: LoopRound) -> str:
     return " ".join(f"{c!s:>8}" for c in cells) + "  " + format_val(r.val)
 
 
-__all__ = ["LoopConfig", "LoopResult", "LoopRound", "judge_pool", "run_loop"]
+__all__ = ["LoopConfig", "LoopResult", "LoopRound", "evaluate_with", "judge_pool", "run_loop"]
