@@ -27,8 +27,10 @@ Contract:
   the canary share) is judged on every pass by ``illume.evaluation.canary.decide_canary`` on the
   feedback of generations created since the canary started: it waits for ``min_sample`` judged
   generations on each side, then moves production to the canary's version, or rolls it back
-  (the ``canary`` alias removed, the version marked rejected, production untouched); the round
-  ends promoted or rejected with the reason, and the compared numbers in ``scores.canary``.
+  (the ``canary`` alias removed, the version marked rejected, production untouched); a canary
+  still short of its sample ``canary.max_wait_s`` after it started (the controller's clock,
+  ``now``) is decided by ``canary.on_timeout`` instead (promote by default); the round ends
+  promoted or rejected with the reason, and the compared numbers in ``scores.canary``.
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ class LoopControllerCore:
 
     ``jobs`` is a fixed Jobs API client (tests); otherwise ``connect(address)`` builds one (Ray's
     ``JobSubmissionClient``) for ``jobs_api_address`` or, when that is empty, for ``resolve()``
-    (the dashboard address registered in the cluster's GCS)."""
+    (the dashboard address registered in the cluster's GCS). ``now`` is the clock the round and
+    canary timeouts are measured by (tests move it)."""
 
     def __init__(
         self,
@@ -126,6 +129,7 @@ class LoopControllerCore:
         *,
         connect: Callable[[str], Any] | None = None,
         resolve: Callable[[], str] | None = None,
+        now: Callable[[], datetime] | None = None,
     ) -> None:
         self.config = config
         self.tuning = config.tuning
@@ -136,6 +140,7 @@ class LoopControllerCore:
         self._jobs: Any = None
         self._connect = connect or _job_submission_client
         self._resolve = resolve or cluster_dashboard_address
+        self._now = now or (lambda: datetime.now(UTC))
         self._lock = threading.Lock()
         # Per namespace: why a due round did not start on the last pass (e.g. waiting for evidence).
         self.waiting: dict[str, str] = {}
@@ -281,7 +286,7 @@ class LoopControllerCore:
         gone or its driver died, fail it when its job was stopped or it ran too long."""
         if record.state == "canary":
             return self.check_canary(record)
-        age = (datetime.now(UTC) - record.started_at).total_seconds()
+        age = (self._now() - record.started_at).total_seconds()
         if not record.job_id:
             if age > SUBMIT_GRACE_S:
                 return self.registry.update_round(
@@ -307,9 +312,10 @@ class LoopControllerCore:
 
     def check_canary(self, record: RoundRecord) -> RoundRecord:
         """Judge a round's canary on the feedback of generations since it started: wait for
-        ``min_sample`` judged generations on each side, then move it to production or roll it back
-        (remove the ``canary`` alias, mark the version rejected; production is untouched), ending
-        the round with the reason and the compared numbers (``scores.canary``)."""
+        ``min_sample`` judged generations on each side (at most ``max_wait_s``, then
+        ``on_timeout``), then move it to production or roll it back (remove the ``canary`` alias,
+        mark the version rejected; production is untouched), ending the round with the reason
+        and the compared numbers (``scores.canary``)."""
         namespace, version = record.namespace, record.adapter_version
         canary = dict(record.scores.get("canary", {}))
         aliases = self.registry.aliases(namespace)
@@ -328,6 +334,7 @@ class LoopControllerCore:
             arms.get(version, ArmStats(version)),
             arms.get(production, ArmStats(production)),
             self.tuning.canary,
+            waited_s=(self._now() - since).total_seconds(),
         )
         if decision.action == "wait":
             if decision.reason != canary.get("waiting"):

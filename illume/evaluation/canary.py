@@ -3,19 +3,26 @@
 Contract (docs/ARCHITECTURE.md, "The canary"):
 
 - ``CanaryConfig``: ``enabled``, the canary's ``share`` of unpinned traffic (routing sends that share
-  to the ``canary`` alias), the ``min_sample`` of judged generations each side needs, and the
-  tolerated drops (``max_acceptance_drop``, ``max_answer_drop``, in points);
+  to the ``canary`` alias), the ``min_sample`` of judged generations each side needs, the
+  tolerated drops (``max_acceptance_drop``, ``max_answer_drop``, in points), how long the canary
+  may wait for its sample (``max_wait_s``) and what a wait that runs out does (``on_timeout``);
 - ``tally(records, since)``: per adapter version (0: the base model), the feedback on generations
   created at or after ``since``: judged generations (a current non-skipped judgement), judged and
   accepted candidates (marked fitting by any current judgement), answers judged and judged correct
   (``answer_verdict``: wrong if any judgement says so);
-- ``decide_canary(canary, production, config)``: ``wait`` while either side has fewer than
-  ``min_sample`` judged generations; otherwise ``rollback`` when the canary's per-candidate
-  acceptance is below production's by more than ``max_acceptance_drop``, or -- when both sides
-  have at least ``min_sample`` judged answers -- its answer accuracy by more than
+- ``decide_canary(canary, production, config, waited_s)``: while either side has fewer than
+  ``min_sample`` judged generations it returns ``wait`` as long as ``waited_s`` (seconds since the
+  canary started) is below ``max_wait_s``, and once it is not, the ``on_timeout`` action
+  (``promote``: the gate's held-out evidence alone stands; ``rollback``) with ``timed_out`` set
+  and a reason naming the wait, the sample on each side and ``min_sample`` -- whatever the short
+  sample shows, so the outcome of a timeout never depends on a handful of judgements. With
+  ``min_sample`` on both sides the wait plays no part: ``rollback`` when the canary's
+  per-candidate acceptance is below production's by more than ``max_acceptance_drop``, or --
+  when both sides have at least ``min_sample`` judged answers -- its answer accuracy by more than
   ``max_answer_drop``; else ``promote``. The reason names each compared metric, both values, the
   tolerance and the sample on each side, so a neutral canary (within tolerance) is promoted and
-  a harmful one is rolled back with the drop that condemned it.
+  a harmful one is rolled back with the drop that condemned it. The ``wait`` reason does not
+  change with the time waited (the controller records it only when it changes).
 
 Plain Python (no Ray): the LoopController calls it on every pass (``services.loop_controller``).
 """
@@ -63,6 +70,19 @@ class CanaryConfig(BaseModel):
         10.0,
         ge=0,
         description="Largest tolerated drop of answer accuracy, in points, canary below production.",
+    )
+    max_wait_s: float = Field(
+        86400.0,
+        gt=0,
+        description="How long a canary may wait for its sample (min_sample judged generations on "
+        "each side), in seconds since it started; then on_timeout decides.",
+    )
+    on_timeout: Literal["promote", "rollback"] = Field(
+        "promote",
+        description="What happens when max_wait_s runs out before both sides have min_sample "
+        "judged generations (whatever the short sample shows): 'promote' moves production to the "
+        "canary on the gate's held-out evidence alone; 'rollback' removes the canary alias and "
+        "marks its version rejected.",
     )
 
 
@@ -129,27 +149,44 @@ class CanaryDecision:
     reason: str
     canary: ArmStats
     production: ArmStats
+    timed_out: bool = False  # decided by on_timeout: the sample was short when max_wait_s ran out
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "action": self.action,
             "reason": self.reason,
+            "timed_out": self.timed_out,
             "canary": self.canary.to_dict(),
             "production": self.production.to_dict(),
         }
 
 
-def decide_canary(canary: ArmStats, production: ArmStats, config: CanaryConfig) -> CanaryDecision:
-    """Wait for ``min_sample`` judged generations on each side, then promote or roll back."""
+def decide_canary(
+    canary: ArmStats, production: ArmStats, config: CanaryConfig, waited_s: float = 0.0
+) -> CanaryDecision:
+    """Wait for ``min_sample`` judged generations on each side, then promote or roll back; after
+    ``waited_s >= max_wait_s`` with the sample still short, do ``on_timeout``."""
     name = f"canary v{canary.version} vs production v{production.version}"
     if canary.generations < config.min_sample or production.generations < config.min_sample:
-        return CanaryDecision(
-            "wait",
-            f"{name}: waiting for live feedback: {canary.generations} / {production.generations} judged "
-            f"generations (need {config.min_sample} on each side)",
-            canary,
-            production,
+        sample = (
+            f"{canary.generations} / {production.generations} judged generations "
+            f"(need {config.min_sample} on each side"
         )
+        if waited_s < config.max_wait_s:
+            # No elapsed time in the reason: it is recorded only when it changes.
+            return CanaryDecision(
+                "wait",
+                f"{name}: waiting for live feedback: {sample}; at most {config.max_wait_s:g} s, "
+                f"then {config.on_timeout})",
+                canary,
+                production,
+            )
+        waited = f"after waiting {waited_s:.0f} s (max_wait_s {config.max_wait_s:g}): {sample})"
+        if config.on_timeout == "promote":
+            reason = f"{name}: promoted {waited}; the gate's held-out evidence stands"
+        else:
+            reason = f"{name}: rolled back {waited}; on_timeout is rollback"
+        return CanaryDecision(config.on_timeout, reason, canary, production, timed_out=True)
     failures: list[str] = []
     compared: list[str] = []
     sample = f"on {canary.generations} / {production.generations} judged generations"

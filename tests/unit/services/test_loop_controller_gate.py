@@ -6,7 +6,9 @@
 - the canary: a round in state ``canary`` waits for ``min_sample`` judged generations on each side
   (generated since the canary started), then a harmful canary (acceptance or answer accuracy
   below production beyond the tolerance) is rolled back -- canary alias removed, version
-  rejected, production unchanged, the reason in the round record -- and a neutral one is promoted.
+  rejected, production unchanged, the reason in the round record -- and a neutral one is promoted;
+  a canary still short of its sample ``max_wait_s`` after it started (by the controller's clock)
+  ends by ``on_timeout`` (promoted by default) with the wait in the reason.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -25,7 +28,7 @@ from illume.evaluation.gate import GateConfig
 from illume.models.loading import ModelSettings
 from illume.store import FeedbackStore, FeedbackSubmission, NewCandidate, NewGeneration, held_out_for
 from illume.store.settings import StoreSettings
-from illume.store.types import rfc3339, utcnow
+from illume.store.types import parse_rfc3339, rfc3339, utcnow
 from services.config import AppConfig, FeedbackLogSettings, GeneratorSettings, TuningSettings
 from services.loop_controller import LoopControllerCore
 from tests.unit.services.test_loop_controller import FakeJobs
@@ -234,3 +237,33 @@ def test_a_neutral_canary_is_promoted_to_production(core):
     aliases = core.registry.aliases(NS)
     assert "canary" not in aliases and aliases["production"].version == 2
     assert core.registry.get(NS, 2).state == "registered"
+
+
+def test_a_canary_short_of_its_sample_past_max_wait_s_is_promoted(tmp_path):
+    clock = [utcnow()]
+    config = _config(
+        tmp_path, gate=GateConfig(allow_empty=True), canary=CANARY.model_copy(update={"max_wait_s": 3600.0})
+    )
+    core = LoopControllerCore(config, holder="t", jobs=FakeJobs(), now=lambda: clock[0])
+    try:
+        record = _canary_round(core)
+        clock[0] = parse_rfc3339(record.scores["canary"]["started_at"])  # the canary's start
+        _serve(core, "rationale-v1", 3, fitting=2)
+        _serve(core, "rationale-v2", 1, fitting=0)  # short, and bad: the timeout does not look at it
+        clock[0] += timedelta(seconds=3599)
+        core.tick()
+        assert core.registry.get_round(record.round_id).state == "canary"
+
+        clock[0] += timedelta(seconds=2)
+        core.tick()
+        final = core.registry.get_round(record.round_id)
+        assert final.state == "promoted", final.reason
+        assert final.reason.startswith("canary v2 vs production v1: promoted after waiting 3601 s")
+        assert "1 / 3 judged generations (need 5 on each side)" in final.reason
+        assert final.scores["canary"]["timed_out"] is True
+        assert "waiting" not in final.scores["canary"]
+        aliases = core.registry.aliases(NS)
+        assert "canary" not in aliases and aliases["production"].version == 2
+        assert core.active_round(NS) is None  # the next round may start
+    finally:
+        core.close()
