@@ -4,8 +4,10 @@ For each round it asks the running server for candidates on a pool of train item
 model's synthetic world (with their gold answers, as ILLUME's clients do), judges every candidate
 with a critic (the fact critic, or the paper's ROUGE-L critic against the gold rationales),
 submits the judgements with SubmitFeedback, asks for a tuning round (StartTuningRound) and waits
-for it, then measures the production adapter on val items under the fact critic. It prints one
-table row per round. Like ``illume.client`` it talks only to the wire API.
+for it (while the server refuses for want of held-out evidence, it judges the next batch of train
+items and asks again, as a live server's annotators would keep judging), then measures the
+production adapter on val items under the fact critic. It prints one table row per round. Like
+``illume.client`` it talks only to the wire API.
 
 With ``select`` ("active" or "random") it plays an annotator of the judging queue instead of
 judging everything it generated: each round it sends ``traffic`` times as many generations as it
@@ -31,6 +33,12 @@ from illume.data import VQAXItem
 from illume.evaluation.metrics import answer_accuracy
 
 TERMINAL = {"promoted", "rejected", "failed"}
+# The controller's refusal while the gate's held-out split is short (illume.evaluation.gate).
+EVIDENCE_WAIT = "waiting for held-out evidence"
+
+
+class WaitingForEvidence(Exception):
+    """The server will not start a round until more judged generations are held out."""
 
 
 @dataclass
@@ -150,7 +158,9 @@ class Simulator:
         """Start a round on everything submitted so far and wait for it.
 
         The server's controller may have started one by itself while feedback arrived; then that
-        round is awaited and a new one started, so the round measured saw all the feedback."""
+        round is awaited and a new one started, so the round measured saw all the feedback.
+        Raises ``WaitingForEvidence`` when the server refuses for want of held-out evidence: only
+        more judgements help then, and waiting would not."""
         import grpc
 
         deadline = time.monotonic() + timeout_s
@@ -161,6 +171,8 @@ class Simulator:
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.FAILED_PRECONDITION or time.monotonic() > deadline:
                     raise
+                if EVIDENCE_WAIT in (exc.details() or ""):
+                    raise WaitingForEvidence(exc.details()) from exc
                 active = self.client.list_rounds(self.namespace, page_size=1, timeout=30).rounds
                 if active and active[0].state not in TERMINAL:
                     self._wait(active[0].round_id, deadline)
@@ -210,9 +222,20 @@ class Simulator:
         )
         return per_candidate, per_question, accuracy
 
+    def _judge_batch(self, pool: list[VQAXItem], index: int, size: int, round_index: int) -> tuple[int, int]:
+        """Judge the ``index``-th batch of ``size`` pool items (judged, accepted); with ``select``,
+        log ``traffic`` times as many generations and judge what the queue hands out."""
+        if self.select:
+            per_batch = size * self.traffic
+            self.log_traffic(pool[index * per_batch : (index + 1) * per_batch])
+            return self.judge_from_queue(size, round_index)
+        return self.feedback_round(pool[index * size : (index + 1) * size], round_index)
+
     def run(
         self, train: list[VQAXItem], val: list[VQAXItem], rounds: int, pool_per_round: int, seed: int = 0
     ) -> list[RoundRow]:
+        """Play ``rounds`` rounds of ``pool_per_round`` judged train items each (more while the server
+        waits for held-out evidence) and measure production on ``val`` after each."""
         rng = random.Random(seed)
         pool = list(train)
         rng.shuffle(pool)
@@ -221,16 +244,20 @@ class Simulator:
             val, adapter="base"
         )
         self.log(format_row(rows[0]))
+        batches = iter(range(len(pool)))
         for r in range(1, rounds + 1):
             row = RoundRow(round=r)
-            if self.select:
-                per_round = pool_per_round * self.traffic
-                self.log_traffic(pool[(r - 1) * per_round : r * per_round])
-                row.feedback, row.accepted = self.judge_from_queue(pool_per_round, r)
-            else:
-                batch = pool[(r - 1) * pool_per_round : r * pool_per_round]
-                row.feedback, row.accepted = self.feedback_round(batch, r)
-            record = self.run_tuning_round()
+            while True:
+                feedback, accepted = self._judge_batch(pool, next(batches), pool_per_round, r)
+                row.feedback, row.accepted = row.feedback + feedback, row.accepted + accepted
+                try:
+                    record = self.run_tuning_round()
+                    break
+                except WaitingForEvidence as wait:
+                    # As on a live server: the round starts once enough judged items are held out.
+                    self.log(f"round {r}: {wait}; judging {pool_per_round} more items")
+                    if feedback == 0:
+                        raise
             row.state, row.reason = record.state, record.reason
             row.rationale_rows, row.answer_rows = record.rationale_rows, record.answer_rows
             scores = json.loads(record.scores_json or "{}")

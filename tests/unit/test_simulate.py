@@ -7,8 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import grpc
+import pytest
+
 from illume.data import VQAXItem
-from illume.simulate import Simulator
+from illume.simulate import Simulator, WaitingForEvidence
 
 GOLD = "the square is red because it is painted red"
 
@@ -71,3 +74,62 @@ def test_the_queue_annotator_stops_when_nothing_is_left(tmp_path):
     simulator.log_traffic(items(tmp_path, 2))
     assert simulator.judge_from_queue(budget=10, round_index=1) == (2, 2)
     assert client.selections[-1] == "random" and len(client.selections) == 4  # foreign, g1, g0, empty
+
+
+class Refused(grpc.RpcError):
+    """What the server's StartTuningRound raises for FAILED_PRECONDITION."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(details)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.FAILED_PRECONDITION
+
+    def details(self) -> str:
+        return self._details
+
+
+class WaitingServer(FakeClient):
+    """Refuses rounds until ``needed`` generations were judged, as the gate's evidence rule does."""
+
+    def __init__(self, needed: int) -> None:
+        super().__init__()
+        self.needed = needed
+        self.starts = 0
+
+    def start_round(self, namespace, force, timeout):
+        self.starts += 1
+        judged = len(self.submitted)
+        if judged < self.needed:
+            raise Refused(f"waiting for held-out evidence: {judged // 5} of 10 items (min_items)")
+        return SimpleNamespace(round_id=f"r{self.starts}")
+
+    def get_round(self, round_id, timeout):
+        return SimpleNamespace(
+            state="promoted", reason="", rationale_rows=1, answer_rows=10, scores_json="{}", adapter_version=1
+        )
+
+    def generate(
+        self, image, question, answer, n, namespace, timeout, seed=None, adapter="", ephemeral=False
+    ):
+        reply = super().generate(image, question, answer, n, namespace, timeout)
+        reply.answer = "red"
+        return reply
+
+
+def test_a_round_waiting_for_held_out_evidence_gets_more_judgements_not_a_hang(tmp_path):
+    client = WaitingServer(needed=5)
+    lines: list[str] = []
+    simulator = Simulator(client, critic="rouge_l", n=2, concurrency=1, log=lines.append)
+    rows = simulator.run(items(tmp_path, 12), items(tmp_path, 1), rounds=2, pool_per_round=2)
+    # Round 1 judged three batches of two before the server had enough evidence; round 2 one.
+    assert [row.feedback for row in rows[1:]] == [6, 2]
+    assert client.starts == 4
+    assert sum("waiting for held-out evidence" in line for line in lines) == 2
+
+
+def test_a_round_that_can_never_get_evidence_stops_when_the_pool_runs_out(tmp_path):
+    simulator = Simulator(WaitingServer(needed=100), critic="rouge_l", n=2, concurrency=1, log=lambda _: None)
+    with pytest.raises(WaitingForEvidence):
+        simulator.run(items(tmp_path, 4), items(tmp_path, 1), rounds=1, pool_per_round=2)
