@@ -231,7 +231,8 @@ def test_serve_shows_the_embedded_defaults_that_apply():
     embedded = default_config(Path(".data"), Path("MODEL"), replay_data=Path("replay.json"))
     helps = {a.dest: " ".join((a.help or "").split()) for a in _options(parser)}
     # These differ on purpose from the fields' own defaults (services/config.py default_config).
-    assert "(default: 0.0005)" in helps["lr"] and "(default: 16)" in helps["lora_r"]
+    assert "(default: 0.001)" in helps["lr"] and "(default: 16)" in helps["lora_r"]
+    assert "(default: linear)" in helps["lr_schedule"]
     assert "(default: 10)" in helps["gate_min_items"] and "(default: False)" in helps["gate_allow_empty"]
     for name, flag in flags.flags.items():
         if flag.follows is None:
