@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from illume.critics.rouge import rouge_l
 from illume.evaluation.gate import GateConfig
 from illume.store.settings import StoreSettings
 from illume.training.snapshot import AcceptanceRule, SnapshotConfig
@@ -92,17 +93,9 @@ def gated_app(request, grpc_port, dashboard_port, model_dir, e2e_dir):
         serve.delete(APP)
 
 
-def _rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F-measure of two whitespace-tokenised texts (the annotator's sense of 'close')."""
-    a, b = candidate.lower().split(), reference.lower().split()
-    if not a or not b:
-        return 0.0
-    lcs = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
-    for i, x in enumerate(a):
-        for j, y in enumerate(b):
-            lcs[i + 1][j + 1] = lcs[i][j] + 1 if x == y else max(lcs[i][j + 1], lcs[i + 1][j])
-    common = lcs[-1][-1]
-    return 0.0 if common == 0 else 2 * common / (len(a) + len(b))
+def _closeness(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 of two lower-cased texts (the annotator's sense of 'close')."""
+    return rouge_l(candidate.lower(), [reference.lower()], beta=1.0)
 
 
 def _await_round(admin, round_id: str, timeout: float = 900):
@@ -142,7 +135,7 @@ def test_a_harmful_round_is_rejected_with_a_metric_drop_on_min_items(gated_app, 
             assert reply.candidates
             if reply.held_out:
                 held_out += 1
-                best = max(reply.candidates, key=lambda cand: _rouge_l(cand.text, gold))
+                best = max(reply.candidates, key=lambda cand: _closeness(cand.text, gold))
                 a.submit_feedback(
                     reply.generation_id,
                     fitting=[best.candidate_id],
