@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from illume.critics.rouge import rouge_l
+from illume.critics.rouge import normalise, rouge_l
 from illume.evaluation.gate import GateConfig
 from illume.store.settings import StoreSettings
 from illume.training.snapshot import AcceptanceRule, SnapshotConfig
@@ -94,8 +94,8 @@ def gated_app(request, grpc_port, dashboard_port, model_dir, e2e_dir):
 
 
 def _closeness(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 of two lower-cased texts (the annotator's sense of 'close')."""
-    return rouge_l(candidate.lower(), [reference.lower()], beta=1.0)
+    """ROUGE-L F1 of two texts after the paper critic's normalisation (the annotator's sense of 'close')."""
+    return rouge_l(normalise(candidate), [normalise(reference)], beta=1.0)
 
 
 def _await_round(admin, round_id: str, timeout: float = 900):
