@@ -6,7 +6,9 @@ Contract (docs/STUDY.md):
   fine-tuning on the gold rationales of P % of the pool's questions), ``illume-paper`` (every pool
   question judged every round, every accepted candidate so far trained on), ``illume-paper-parent``
   (the same, each round starting from the previous round's adapter), ``illume-paper-rouge`` (the
-  same, the paper's ROUGE-L >= 0.7 critic instead of the fact critic), ``illume-minimal-<P>`` (P %
+  same, the paper's ROUGE-L >= 0.7 critic instead of the fact critic), ``illume-paper-replay-explained``
+  (the same, answer rows drawn from every answered question, those with rationale rows included:
+  a step-3 change), ``illume-minimal-<P>`` (P %
   of the pool judged per round, never a question already accepted), and ``base`` (the base model,
   measured once per world); ``study_grid(seeds)`` lists the planned runs of those seeds;
 - every run of world seed S uses the same world (``StudyConfig.world_sizes``, built once under
@@ -45,7 +47,7 @@ from illume.training.round import TrainConfig
 Family = Literal["base", "sft", "illume"]
 RECORD_VERSION = 1
 _NAME = re.compile(r"^(?P<family>base|sft|illume)(?:-(?P<setting>[a-z0-9-]+?))?-seed(?P<seed>\d+)$")
-_SETTINGS = re.compile(r"^(?:paper(?:-parent|-rouge)?|minimal-\d+(?:\.\d+)?)$")
+_SETTINGS = re.compile(r"^(?:paper(?:-parent|-rouge|-replay-explained)?|minimal-\d+(?:\.\d+)?)$")
 
 
 def _study_loop() -> LoopConfig:
@@ -129,6 +131,8 @@ class RunSpec:
                 update["train"] = update["train"].model_copy(update={"init_from": "parent"})
             if self.setting == "paper-rouge":
                 update["critic"] = "rouge_l"
+            if self.setting == "paper-replay-explained":
+                update["snapshot"] = update["snapshot"].model_copy(update={"replay_explained": True})
         else:
             share = float(self.setting.removeprefix("minimal-")) / 100
             update |= {
@@ -152,7 +156,8 @@ def parse_run(name: str) -> RunSpec:
         raise ValueError(f"an SFT share is a percent in (0, 100]: {name!r}")
     if family == "illume" and not _SETTINGS.match(setting):
         raise ValueError(
-            f"unknown ILLUME setting in {name!r}: paper, paper-parent, paper-rouge or minimal-<percent>"
+            f"unknown ILLUME setting in {name!r}: paper, paper-parent, paper-rouge, "
+            "paper-replay-explained or minimal-<percent>"
         )
     return RunSpec(family, setting, seed)  # type: ignore[arg-type]
 

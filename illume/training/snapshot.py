@@ -12,7 +12,9 @@ Contract (docs/ARCHITECTURE.md, "What a round trains"):
 - **answer rows** (replay): one per question that has no accepted rationale in any round and at
   least one judgement whose answer was not judged wrong (the latest one judged right, else the
   latest unjudged one, gives the answer), drawn with a seeded RNG; about
-  ``replay_ratio`` x the number of rationale rows, capped by how many such questions exist;
+  ``replay_ratio`` x the number of rationale rows, capped by how many such questions exist. With
+  ``replay_explained`` a question with rationale rows may give an answer row too (the paper's
+  answer rows are any VQA question's answer); the default keeps them apart;
 - **replay passes**: with ``replay_passes = P > 1`` the snapshot draws ``P`` x as many answer rows,
   every one a different question, and ``pass_rows(p)`` gives pass ``p``'s share: all rationale
   rows and every ``P``-th answer row (from the ``p``-th on, in stored order). A round that trains
@@ -53,10 +55,10 @@ Contract (docs/ARCHITECTURE.md, "What a round trains"):
 - the snapshot is immutable (frozen dataclasses, tuples); ``sha256`` is computed over a canonical
   JSON (sorted keys, no whitespace, UTF-8) of the config and the rows, so the same inputs give the
   same hash on every machine and any change to a row (its weight and rule included) changes it.
-  ``replay_passes``, ``acceptance`` and ``reliability`` enter it only when they differ from their
-  defaults, a row's ``weight`` only when it is not 1.0 and its ``rule`` only when it is not
-  ``"selected"``, so snapshots written before they existed keep their hash. The manifest (source
-  ids, counts, provenance) is derived data and not hashed.
+  ``replay_passes``, ``replay_explained``, ``acceptance`` and ``reliability`` enter it only when
+  they differ from their defaults, a row's ``weight`` only when it is not 1.0 and its ``rule`` only
+  when it is not ``"selected"``, so snapshots written before they existed keep their hash. The
+  manifest (source ids, counts, provenance) is derived data and not hashed.
 
 Rows are ordered deterministically: rationale rows by question id (then first occurrence), answer
 rows by question id, so the hash does not depend on the order questions were judged in.
@@ -221,6 +223,11 @@ class SnapshotConfig(BaseModel):
         "each pass, every row a different question, so epochs cycling through the passes never repeat "
         "a replay question (1: every epoch trains on the same answer rows).",
     )
+    replay_explained: bool = Field(
+        False,
+        description="Also draw answer rows from questions that have rationale rows (False: only "
+        "from judged questions without one, then the replay pool).",
+    )
     acceptance: AcceptanceRule = Field(
         default_factory=AcceptanceRule,
         description="How judgements (marks, ratings, corrections) become rationale rows and weights.",
@@ -371,6 +378,8 @@ def canonical_json(rows: Sequence[SnapshotRow], config: SnapshotConfig, weight: 
     # Settings at their defaults stay out: the hash of a snapshot written before they existed.
     if dumped["replay_passes"] == 1:
         del dumped["replay_passes"]
+    if not dumped["replay_explained"]:
+        del dumped["replay_explained"]
     if config.acceptance == AcceptanceRule():
         del dumped["acceptance"]
     if config.reliability == ReliabilityConfig():
@@ -574,7 +583,7 @@ def build_snapshot(
             if fid not in feedback_ids:
                 feedback_ids.append(fid)
     trained = {row.source_id for row in rationale_rows}
-    eligible = sorted(q for q in replay_source if q not in rationales)
+    eligible = sorted(q for q in replay_source if config.replay_explained or q not in rationales)
     wanted_total = round(config.replay_ratio * len(rationale_rows)) * config.replay_passes
     wanted = min(len(eligible), wanted_total)
     drawn = sorted(random.Random(f"illume-snapshot/{config.seed}").sample(eligible, wanted))

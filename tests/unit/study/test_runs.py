@@ -21,6 +21,7 @@ from tests.unit.study.conftest import SEED
         ("illume-paper-seed3", RunSpec("illume", "paper", 3)),
         ("illume-paper-parent-seed3", RunSpec("illume", "paper-parent", 3)),
         ("illume-paper-rouge-seed3", RunSpec("illume", "paper-rouge", 3)),
+        ("illume-paper-replay-explained-seed0", RunSpec("illume", "paper-replay-explained", 0)),
         ("illume-minimal-2-seed4", RunSpec("illume", "minimal-2", 4)),
     ],
 )
@@ -70,6 +71,9 @@ def test_settings_change_only_what_they_name():
     assert parent.train.init_from == "parent" and parent.model_copy(update={"train": paper.train}) == paper
     rouge = RunSpec("illume", "paper-rouge", 2).loop_config(study)
     assert rouge.critic == "rouge_l" and rouge.model_copy(update={"critic": "fact"}) == paper
+    replay = RunSpec("illume", "paper-replay-explained", 2).loop_config(study)
+    assert replay.snapshot.replay_explained and not paper.snapshot.replay_explained
+    assert replay.model_copy(update={"snapshot": paper.snapshot}) == paper
     minimal = RunSpec("illume", "minimal-2", 2).loop_config(study)
     assert minimal.feedback_per_round == 30 and not minimal.resample_accepted
     assert minimal.stop_after_barren_rounds is None

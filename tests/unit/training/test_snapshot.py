@@ -209,3 +209,20 @@ def test_replay_passes_enter_the_hash_only_when_not_one():
     written_before = snap.to_dict()
     del written_before["config"]["replay_passes"]
     assert Snapshot.from_dict(written_before) == snap
+
+
+def test_replay_explained_lets_questions_with_rationale_rows_give_answer_rows_too():
+    items = _pool({"a": ["x is red"], "b": ["y is red"], "c": ["z is red"]}, plain=2)
+    apart = build_snapshot(items)
+    assert set(apart.manifest.answer_sources) == {"p000", "p001"}  # the default keeps them apart
+    together = build_snapshot(items, SnapshotConfig(replay_explained=True))
+    assert set(together.manifest.answer_sources) == {"a", "b", "c", "p000", "p001"}
+    assert together.rationale_loss_weight == pytest.approx(5 / 3)
+    row = next(r for r in together.rows if r.kind == "answer" and r.source_id == "a")
+    assert (row.prompt, row.target) == ("Q: what colour is thing a? A:", " red")
+    # A wrong answer gives no answer row, explained or not.
+    wrong = [*items, _item("w", ["w is red"], answer_correct=False)]
+    assert "w" not in build_snapshot(wrong, SnapshotConfig(replay_explained=True)).manifest.answer_sources
+    # It enters the hash only when on, so snapshots written before it keep theirs.
+    assert b"replay_explained" not in canonical_json(apart.rows, apart.config, apart.rationale_loss_weight)
+    assert Snapshot.from_dict(together.to_dict()) == together
