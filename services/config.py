@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from illume.evaluation.canary import CanaryConfig
-from illume.evaluation.gate import GateConfig
+from illume.evaluation.gate import ANSWER_ACCURACY, DEFAULT_METRICS, GateConfig
 from illume.models.loading import ModelSettings
 from illume.selection import SelectionConfig
 from illume.store.settings import StoreSettings
@@ -184,6 +184,21 @@ class WebSettings(_Settings):
     )
 
 
+def served_gate(**changes: object) -> GateConfig:
+    """The server's gate: the held-out rationale metrics and the held-out answers.
+
+    Why the answers: the rationale metrics never look at them, and a served round promoted on
+    ROUGE-L lost 4.8 points of answers on 500 val items (docs/STUDY.md, "The gate's answer
+    check"). 5 points lets a candidate lose one answer in twenty held-out items more than
+    production, not one in sixteen or fewer.
+    """
+    return GateConfig(
+        metrics=(*DEFAULT_METRICS, ANSWER_ACCURACY),
+        tolerance={ANSWER_ACCURACY: 5.0},
+        **changes,  # type: ignore[arg-type]
+    )
+
+
 class TuningSettings(_Settings):
     """Continual tuning: when rounds start, how they train, where they run."""
 
@@ -251,10 +266,12 @@ class TuningSettings(_Settings):
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training of each round.")
     gate: GateConfig = Field(
-        default_factory=GateConfig,
+        default_factory=served_gate,
         description="The promotion gate. Unless gate.allow_empty, a round waits (the controller does not "
         "start it; a round started anyway ends rejected before training) while the held-out split "
-        "holds fewer than gate.min_items usable items.",
+        "holds fewer than gate.min_items usable items. By default it also compares held-out answer "
+        "accuracy (tolerance 5 points), on the items whose answer the client sent or an annotator "
+        "judged right.",
     )
     gate_max_items: int = Field(
         200, ge=1, description="Held-out generations the gate scores at most (newest)."
@@ -374,6 +391,6 @@ def default_config(data_dir: Path, model_dir: Path, replay_data: Path | None = N
             replay_data=str(replay_data) if replay_data is not None else None,
             # No promotion without evidence: the first round waits until the held-out split holds
             # 10 usable items (a small model's laptop run; the fields' default is 20).
-            gate=GateConfig(min_items=10, allow_empty=False, tokenize=False),
+            gate=served_gate(min_items=10, allow_empty=False, tokenize=False),
         ),
     )

@@ -42,6 +42,7 @@ FLAGS = [
     Flag("seed", also=("snapshot.seed", "train.seed")),
     Flag("snapshot.replay_ratio"),
     Flag("snapshot.replay_passes"),
+    Flag("snapshot.replay_explained"),
     Flag("snapshot.max_rationales_per_question"),
     Flag("replay_pool"),
     *train_flags("train"),

@@ -8,6 +8,12 @@ Contract (docs/ARCHITECTURE.md, "The gate"):
   greedy rationale per item for the item's stored answer (``Q: {q} A: {answer}, seeing that``,
   temperature 0, at most ``max_new_tokens``) and returns ILLUME's caption scores (percent, as
   ``illume.evaluation.metrics.caption_scores``) against the references, plus ``items``;
+- **held-out answers** (when ``answer_accuracy`` is among the held-out set's metrics): the model
+  also answers each item whose answer is known (``GateItem.answer_known``: the client sent it, or an
+  annotator judged the model's answer right) greedily from ``Q: {q} A:``; ``answer_accuracy`` is
+  the percent that match it (ILLUME's answer normalisation) and ``answer_items`` how many were
+  answered. Why: the rationale metrics never look at answers, and a round that explains well can
+  still answer worse (docs/STUDY.md);
 - **curated sets** (optional): VQA-X style items with gold explanations, scored by
   ``score_curated`` through ``illume.evaluation.evaluate.evaluate_generator``: the caption scores of the
   greedy rationale, ``answer_accuracy`` and, per critic, ``acceptance/<critic>`` (share of
@@ -20,7 +26,11 @@ Contract (docs/ARCHITECTURE.md, "The gate"):
   a non-finite score, or the two sides scored on different numbers of items refuses promotion.
   A refusal's reason names each failing metric with both scores, the tolerance, the drop and the
   items scored on each side (``held_out/ROUGE-L 24.60 < production 39.30 - 2 (a drop of 14.70
-  points on 12 / 12 items)``); a promotion's names the items and every metric's delta.
+  points on 12 / 12 items)``); a promotion's names the items and every metric's delta. A metric
+  with its own evidence count (``answer_accuracy``: ``answer_items``) is compared only when that
+  count reaches ``min_items`` on both sides; below it the metric is skipped with a note naming the
+  count (a deployment whose clients send no answers has no answers to check), and different
+  counts on the two sides refuse;
 - **too few items**: a set with fewer than ``min_items`` items refuses promotion (too little
   evidence), unless the set's ``allow_empty`` is set, in which case the set is skipped (with a
   note in the reason). Skipping covers both an empty and a too-small set, so more evidence never
@@ -47,22 +57,31 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from illume.adapters import PRODUCTION
 from illume.critics import make_critic
+from illume.evaluation.metrics import normalise_answer
 from illume.generation.generator import GenerateRequest, Generator, SamplingParams, chunked
 
 HELD_OUT = "held_out"
 ITEMS_KEY = "items"
 DEFAULT_METRICS = ("ROUGE-L", "BLEU-4", "CIDEr")
+ANSWER_ACCURACY = "answer_accuracy"
+ANSWER_ITEMS = "answer_items"
+# Metrics measured on a subset of the items, with the key of that subset's size.
+EVIDENCE_KEYS = {ANSWER_ACCURACY: ANSWER_ITEMS}
 
 
 @dataclass(frozen=True)
 class GateItem:
-    """One held-out item: the image (or a zero-argument loader), question, answer and references."""
+    """One held-out item: the image (or a zero-argument loader), question, answer and references.
+
+    ``answer_known``: the answer is a reference for the answer check (the client's, or one an
+    annotator judged right), not only what production answered."""
 
     generation_id: str
     image: Image.Image | Callable[[], Image.Image]
     question: str
     answer: str
     references: Sequence[str] = field(default_factory=tuple)
+    answer_known: bool = True
 
     def load_image(self) -> Image.Image:
         return self.image if isinstance(self.image, Image.Image) else self.image()
@@ -207,7 +226,43 @@ def score(
         meteor=meteor if meteor is not None else "METEOR" in config.metrics,
         tokenize=tokenize if tokenize is not None else config.tokenize,
     )["all"]
-    return {ITEMS_KEY: float(len(usable)), **scores}
+    out = {ITEMS_KEY: float(len(usable)), **scores}
+    if any(metric_matches(m, ANSWER_ACCURACY) for m in config.metrics):
+        out |= answer_scores(generator, adapter, usable, config)
+    return out
+
+
+def greedy_answers(
+    generator: Generator, adapter: str | None, items: Sequence[GateItem], config: GateConfig
+) -> list[str]:
+    """The model's own greedy answer to each item's question (batched, in item order)."""
+    # The answer step runs before any rationale; one rationale token keeps the rest cheap.
+    sampling = SamplingParams(n=1, temperatures=(0.0,), top_k_fraction=1.0, max_new_tokens=1)
+    out: list[str] = []
+    for chunk in chunked(list(items), config.batch_size):
+        requests = [
+            GenerateRequest(
+                image=item.load_image(), question=item.question, sampling=sampling, adapter=adapter
+            )
+            for item in chunk
+        ]
+        out.extend(result.answer for result in generator.generate(requests))
+    return out
+
+
+def answer_scores(
+    generator: Generator, adapter: str | None, items: Sequence[GateItem], config: GateConfig
+) -> dict[str, float]:
+    """``answer_accuracy`` (percent) of ``adapter``'s greedy answers on the items whose answer is
+    known, and ``answer_items``; no accuracy when no answer is known."""
+    known = [item for item in items if item.answer_known]
+    if not known:
+        return {ANSWER_ITEMS: 0.0}
+    predicted = greedy_answers(generator, adapter, known, config)
+    hits = sum(
+        normalise_answer(p) == normalise_answer(item.answer) for p, item in zip(predicted, known, strict=True)
+    )
+    return {ANSWER_ACCURACY: 100.0 * hits / len(known), ANSWER_ITEMS: float(len(known))}
 
 
 def score_curated(
@@ -318,7 +373,7 @@ def metric_matches(pattern: str, key: str) -> bool:
 
 
 def _metrics_of(patterns: Sequence[str], cand: Mapping[str, float], prod: Mapping[str, float]) -> list[str]:
-    keys = sorted((set(cand) | set(prod)) - {ITEMS_KEY})
+    keys = sorted((set(cand) | set(prod)) - {ITEMS_KEY, *EVIDENCE_KEYS.values()})
     out: list[str] = []
     for pattern in patterns:
         if "*" in pattern or "?" in pattern:
@@ -334,6 +389,39 @@ def _num(value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
+
+
+@dataclass(frozen=True)
+class _Skip:
+    message: str
+    refuse: bool
+
+
+def _metric_evidence(
+    set_name: str,
+    metric: str,
+    rules: GateSetConfig,
+    cand: Mapping[str, Any],
+    prod: Mapping[str, Any],
+    items: float,
+) -> float | _Skip:
+    """The items ``metric`` was measured on (both sides), or why it is not compared."""
+    key = EVIDENCE_KEYS.get(metric)
+    if key is None or (key not in cand and key not in prod):
+        return items
+    on_candidate, on_production = _num(cand.get(key)), _num(prod.get(key))
+    if math.isnan(on_candidate) or on_candidate != on_production:
+        return _Skip(
+            f"{set_name}/{metric}: scored on different item counts ({on_candidate:g} vs {on_production:g})",
+            refuse=True,
+        )
+    if on_candidate < max(rules.min_items, 1):
+        return _Skip(
+            f"{set_name}/{metric} not compared: {on_candidate:g} items with {key.removesuffix('_items')}s "
+            f"known < min_items {max(rules.min_items, 1)}",
+            refuse=False,
+        )
+    return on_candidate
 
 
 def decide(candidate: Mapping[str, Any], production: Mapping[str, Any], config: GateConfig) -> GateDecision:
@@ -363,6 +451,10 @@ def decide(candidate: Mapping[str, Any], production: Mapping[str, Any], config: 
             continue
         judged.append((set_name, items))
         for metric in _metrics_of(rules.metrics, cand, prod):
+            evidence = _metric_evidence(set_name, metric, rules, cand, prod, items)
+            if isinstance(evidence, _Skip):
+                (failures if evidence.refuse else notes).append(evidence.message)
+                continue
             c, p = _num(cand.get(metric)), _num(prod.get(metric))
             tolerance = rules.tolerance_for(metric)
             ok = math.isfinite(c) and math.isfinite(p) and c >= p - tolerance
@@ -382,7 +474,7 @@ def decide(candidate: Mapping[str, Any], production: Mapping[str, Any], config: 
                 # The reason names the drop and the evidence behind it (both sides' item counts).
                 failures.append(
                     f"{set_name}/{metric} {c:.2f} < production {p:.2f} - {tolerance:g} "
-                    f"(a drop of {p - c:.2f} points on {items:g} / {prod_items:g} items)"
+                    f"(a drop of {p - c:.2f} points on {evidence:g} / {evidence:g} items)"
                 )
     if failures:
         reason = "refused: " + "; ".join(failures)
@@ -409,14 +501,18 @@ def decide(candidate: Mapping[str, Any], production: Mapping[str, Any], config: 
 
 
 __all__ = [
+    "ANSWER_ACCURACY",
+    "ANSWER_ITEMS",
     "HELD_OUT",
     "CuratedSetConfig",
     "GateConfig",
     "GateDecision",
     "GateItem",
     "GateSetConfig",
+    "answer_scores",
     "decide",
     "evaluate_gate",
+    "greedy_answers",
     "greedy_rationales",
     "score",
     "score_all",

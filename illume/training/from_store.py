@@ -23,7 +23,9 @@ Contract:
 - ``gate_items(store, namespace, limit, include_corrected=False)``: the ``limit`` most recent
   held-out generations that have at least one fitting candidate and no judgement saying their
   answer is wrong (references that justify a wrong answer are no reference), as ``GateItem``s whose
-  references are the accepted texts; images load lazily from the store.
+  references are the accepted texts; images load lazily from the store. ``answer_known``: the
+  client sent the answer, or an annotator judged the model's own answer right (the gate's answer
+  check compares against no other answer).
 - ``gate_evidence(store, namespace, limit)``: how many items ``gate_items`` would return now,
   without reading an image (the LoopController and the round wait while it is below the gate's
   ``min_items``).
@@ -167,6 +169,8 @@ def gate_items(store: Any, namespace: str, limit: int, *, include_corrected: boo
                 question=record.question,
                 answer=record.answer,
                 references=references,
+                # An answer production gave itself is a reference only once someone judged it right.
+                answer_known=not record.answer_generated or _answer_correct(record) is True,
             )
         )
     return list(chosen)

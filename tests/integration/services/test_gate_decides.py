@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from illume.evaluation.gate import GateConfig
+from illume.evaluation.gate import DEFAULT_METRICS, GateConfig
 from illume.models.loading import ModelSettings
 from illume.store import (
     AdapterRegistry,
@@ -113,6 +113,8 @@ def config(ray_cluster, tmp_path_factory, model_dir, world):
                 min_items=MIN_ITEMS,
                 allow_empty=False,
                 default_tolerance=2.0,
+                # The served gate's answer check, scored in the gate's Ray task like the rest.
+                metrics=(*DEFAULT_METRICS, "answer_accuracy"),
                 tokenize=False,
                 max_new_tokens=10,
             ),
@@ -143,6 +145,12 @@ def test_a_harmful_round_is_rejected_with_a_metric_drop_on_min_items_both_sides(
     assert good.state == "promoted", good.reason
     assert f"held_out {good.scores['gate']['items']} items" in good.reason
     assert good.scores["gate"]["items"] >= MIN_ITEMS
+    # Both sides answered every held-out item (the client sent its answer) on the same items.
+    for side in ("candidate", "production"):
+        scored = good.scores["gate"][side]["held_out"]
+        assert scored["answer_items"] == scored["items"] == good.scores["gate"]["items"]
+        assert 0 <= scored["answer_accuracy"] <= 100
+    assert "held_out/answer_accuracy " in good.reason
 
     # The harm: every training judgement revised to "none fit"; accepted instead, per training
     # item, a nonsense rationale for another item's answer.

@@ -55,6 +55,7 @@ def _generation(
     question="what colour is the square?",
     answer="red",
     version="base",
+    answer_generated=False,
 ):
     return store.record_generation(
         NewGeneration(
@@ -62,7 +63,7 @@ def _generation(
             image=image if image is not None else _png(held_out),
             question=question,
             answer=answer,
-            answer_generated=False,
+            answer_generated=answer_generated,
             candidates=[NewCandidate(t, 0.3, len(t.split())) for t in texts],
             sampling={"n": len(texts)},
             seed=1,
@@ -146,3 +147,14 @@ def test_gate_items_are_held_out_generations_with_accepted_rationales(store):
         g.generation_id for g in gens[-2:]
     ]  # the newest
     assert gate_items(store, "other-namespace", limit=5) == []
+
+
+def test_a_gate_item_knows_its_answer_when_the_client_sent_it_or_an_annotator_judged_it_right(store):
+    sent = _generation(store, ["reason a"], held_out=True)
+    _judge(store, sent, "selected", fitting=(0,))
+    own = _generation(store, ["reason b"], held_out=True, answer_generated=True)
+    _judge(store, own, "selected", fitting=(0,))
+    own_judged = _generation(store, ["reason c"], held_out=True, answer_generated=True)
+    _judge(store, own_judged, "selected", fitting=(0,), answer_correct=True)
+    known = {i.generation_id: i.answer_known for i in gate_items(store, "default", limit=10)}
+    assert known == {sent.generation_id: True, own.generation_id: False, own_judged.generation_id: True}

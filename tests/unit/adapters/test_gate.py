@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from illume.adapters.cache import AdapterCache
@@ -10,8 +12,10 @@ from illume.evaluation.gate import (
     CuratedSetConfig,
     GateConfig,
     GateItem,
+    answer_scores,
     decide,
     evaluate_gate,
+    greedy_answers,
     greedy_rationales,
     score,
     score_curated,
@@ -125,6 +129,26 @@ def test_score_and_evaluate_gate_on_the_tiny_model(generator, adapter_store, ada
     assert not decision.promote and decision.production["held_out"] == base
     assert evaluate_gate(generator, None, None, items, config).promote
     assert score(generator, None, [], config) == {"items": 0.0}
+
+
+def test_score_checks_answers_only_where_they_are_known_and_asked_for(generator, images):
+    config = GateConfig(max_new_tokens=4, tokenize=False, min_items=1)
+    asked = config.model_copy(update={"metrics": (*config.metrics, "answer_accuracy")})
+    probe = _items(images, [["x"]] * 3)
+    own = greedy_answers(generator, None, probe, asked)
+    assert len(own) == 3 and all(isinstance(a, str) and a for a in own)
+    assert "answer_accuracy" not in score(generator, None, probe, config)  # not asked for
+    # The references are the model's own answers, then one of them is changed.
+    right = [dataclasses.replace(item, answer=a) for item, a in zip(probe, own, strict=True)]
+    scores = score(generator, None, right, asked)
+    assert (scores["answer_accuracy"], scores["answer_items"]) == (100.0, 3.0)
+    one_wrong = [*right[:2], dataclasses.replace(right[2], answer=own[2] + " not")]
+    assert score(generator, None, one_wrong, asked)["answer_accuracy"] == pytest.approx(200 / 3)
+    # An answer nobody vouched for is no reference.
+    unknown = [*right[:2], dataclasses.replace(right[2], answer_known=False)]
+    assert answer_scores(generator, None, unknown, asked) == {"answer_accuracy": 100.0, "answer_items": 2.0}
+    unknown_all = [dataclasses.replace(item, answer_known=False) for item in right]
+    assert answer_scores(generator, None, unknown_all, asked) == {"answer_items": 0.0}
 
 
 def test_score_curated_reports_answers_acceptance_and_captions(generator, images, tmp_path):

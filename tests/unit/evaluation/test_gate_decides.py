@@ -3,7 +3,7 @@ the drop and the items on each side; a round waits while the held-out split is t
 
 from __future__ import annotations
 
-from illume.evaluation.gate import GateConfig, decide, waiting_for_evidence
+from illume.evaluation.gate import DEFAULT_METRICS, GateConfig, decide, waiting_for_evidence
 
 PRODUCTION = {"items": 12.0, "ROUGE-L": 39.3, "BLEU-4": 15.0, "CIDEr": 80.0}
 
@@ -34,3 +34,52 @@ def test_a_round_waits_for_the_held_out_split_to_reach_min_items():
         "waiting for held-out evidence: 0 of 1 items (min_items)"
     )
     assert waiting_for_evidence(GateConfig(min_items=10, allow_empty=True), 0) is None
+
+
+ANSWERS = GateConfig(
+    min_items=10,
+    default_tolerance=2.0,
+    metrics=(*DEFAULT_METRICS, "answer_accuracy"),
+    tolerance={"answer_accuracy": 5.0},
+)
+
+
+def test_a_round_that_explains_as_well_but_answers_worse_is_refused_on_its_answers():
+    answers = {"answer_accuracy": 100.0, "answer_items": 16.0}
+    worse = {**PRODUCTION, "items": 16.0, "answer_accuracy": 93.75, "answer_items": 16.0}
+    decision = decide(worse, {**PRODUCTION, "items": 16.0, **answers}, ANSWERS)
+    assert not decision.promote
+    assert decision.reason == (
+        "refused: held_out/answer_accuracy 93.75 < production 100.00 - 5 "
+        "(a drop of 6.25 points on 16 / 16 items)"
+    )
+    # One answer lost in 24 is within 5 points; the promotion names the answers' delta.
+    within = decide(
+        {**PRODUCTION, "items": 24.0, "answer_accuracy": 95.83, "answer_items": 24.0},
+        {**PRODUCTION, "items": 24.0, "answer_accuracy": 100.0, "answer_items": 24.0},
+        ANSWERS,
+    )
+    assert within.promote and "held_out/answer_accuracy -4.17" in within.reason
+
+
+def test_answers_are_compared_on_their_own_evidence():
+    # Answers known on fewer than min_items items: not compared, and the reason says so.
+    few = {**PRODUCTION, "answer_accuracy": 50.0, "answer_items": 4.0}
+    decision = decide(few, {**PRODUCTION, "answer_accuracy": 100.0, "answer_items": 4.0}, ANSWERS)
+    assert decision.promote, decision.reason
+    assert (
+        "held_out/answer_accuracy not compared: 4 items with answers known < min_items 10" in decision.reason
+    )
+    none = decide({**PRODUCTION, "answer_items": 0.0}, {**PRODUCTION, "answer_items": 0.0}, ANSWERS)
+    assert none.promote and "0 items with answers known" in none.reason
+    # The two sides answered different items: refused.
+    uneven = decide(
+        {**PRODUCTION, "answer_accuracy": 90.0, "answer_items": 11.0},
+        {**PRODUCTION, "answer_accuracy": 90.0, "answer_items": 12.0},
+        ANSWERS,
+    )
+    assert (
+        not uneven.promote and "answer_accuracy: scored on different item counts (11 vs 12)" in uneven.reason
+    )
+    # Scores without any answer keys (an older scorer) are missing, as any configured metric.
+    assert "held_out/answer_accuracy: missing" in decide(PRODUCTION, PRODUCTION, ANSWERS).reason
