@@ -14,10 +14,15 @@ judging everything it generated: each round it sends ``traffic`` times as many g
 judges (client traffic, logged), then takes ``pool_per_round`` items from NextItem with that
 selection and judges those. The judgement count is the same either way, so the rounds' results
 compare what the queue's choice of items is worth.
+
+Judging requests carry a sampling seed derived from ``sampling_seed`` and the item's question id
+(``item_seed``), so the same command against the same server samples the same candidates; with
+``sampling_seed`` None the server chooses one per request, as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -63,6 +68,14 @@ def _image_bytes(item: VQAXItem) -> bytes:
     return Path(item.image_path).read_bytes()
 
 
+def item_seed(sampling_seed: int | None, question_id: str) -> int | None:
+    """The sampling seed of the judging request for ``question_id`` (None: the server's choice)."""
+    if sampling_seed is None:
+        return None
+    digest = hashlib.sha256(f"illume-simulate/{sampling_seed}/{question_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1  # below 2**63: a valid uint64 and int64
+
+
 class Simulator:
     """Drives rounds against a server (``client`` is an ``illume.client.IllumeClient`` with admin rights)."""
 
@@ -76,8 +89,10 @@ class Simulator:
         log: Callable[[str], None] = print,
         select: str = "",
         traffic: int = 3,
+        sampling_seed: int | None = None,
     ) -> None:
         self.client = client
+        self.sampling_seed = sampling_seed
         self.critic = make_critic(critic)
         self.fact = FactCritic()
         self.n = n
@@ -91,7 +106,13 @@ class Simulator:
     def _generate_for(self, item: VQAXItem) -> Any:
         """Candidates for ``item`` with its gold answer (logged by the server)."""
         return self.client.generate(
-            _image_bytes(item), item.question, item.answer, n=self.n, namespace=self.namespace, timeout=600
+            _image_bytes(item),
+            item.question,
+            item.answer,
+            n=self.n,
+            seed=item_seed(self.sampling_seed, item.question_id),
+            namespace=self.namespace,
+            timeout=600,
         )
 
     def feedback_round(self, items: list[VQAXItem], round_index: int) -> tuple[int, int]:

@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
             namespace=args.namespace,
             select=args.select or "",
             traffic=args.traffic,
+            sampling_seed=None if args.sampling_seed < 0 else args.sampling_seed,
         )
         print(HEADER)
         simulator.run(train, val, args.rounds, args.pool, seed=args.seed)
@@ -48,6 +49,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--critic", choices=["fact", "rouge_l"], default="fact")
     p.add_argument("--n", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--sampling-seed",
+        type=int,
+        default=0,
+        help="seed of the judging requests' sampling, per item (negative: the server chooses, "
+        "so runs differ)",
+    )
     p.add_argument(
         "--select",
         choices=["active", "random"],

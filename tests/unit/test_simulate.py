@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from illume.data import VQAXItem
-from illume.simulate import Simulator, WaitingForEvidence
+from illume.simulate import Simulator, WaitingForEvidence, item_seed
 
 GOLD = "the square is red because it is painted red"
 
@@ -22,10 +22,12 @@ class FakeClient:
         self.submitted: list[dict] = []
         self.selections: list[str] = []
         self.queue: list[str] | None = None
+        self.seeds: list[int | None] = []
 
-    def generate(self, image, question, answer, n, namespace, timeout):
+    def generate(self, image, question, answer, n, namespace, timeout, seed=None):
         gid = f"g{len(self.generated)}"
         self.generated.append(gid)
+        self.seeds.append(seed)
         candidates = [SimpleNamespace(candidate_id=f"{gid}-c0", text=GOLD)]
         candidates.append(SimpleNamespace(candidate_id=f"{gid}-c1", text="a cat sits on a mat"))
         return SimpleNamespace(generation_id=gid, candidates=candidates)
@@ -133,3 +135,19 @@ def test_a_round_that_can_never_get_evidence_stops_when_the_pool_runs_out(tmp_pa
     simulator = Simulator(WaitingServer(needed=100), critic="rouge_l", n=2, concurrency=1, log=lambda _: None)
     with pytest.raises(WaitingForEvidence):
         simulator.run(items(tmp_path, 4), items(tmp_path, 1), rounds=1, pool_per_round=2)
+
+
+def test_judging_requests_carry_a_seed_per_item_so_a_rerun_samples_the_same_candidates(tmp_path):
+    batch = items(tmp_path, 4)
+    seeded = [FakeClient(), FakeClient()]
+    for client in seeded:
+        Simulator(
+            client, critic="rouge_l", n=2, concurrency=1, sampling_seed=3, log=lambda _: None
+        ).feedback_round(batch, 1)
+    first, again = sorted(seeded[0].seeds), sorted(seeded[1].seeds)
+    assert first == again and len(set(first)) == 4  # the same per item, different between items
+    assert all(0 <= seed < 2**63 for seed in first)
+    assert item_seed(3, "0") in first and item_seed(4, "0") not in first
+    unseeded = FakeClient()
+    Simulator(unseeded, critic="rouge_l", n=2, concurrency=1, log=lambda _: None).feedback_round(batch, 1)
+    assert unseeded.seeds == [None] * 4  # the server chooses
