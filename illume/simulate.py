@@ -22,7 +22,6 @@ Judging requests carry a sampling seed derived from ``sampling_seed`` and the it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -36,6 +35,7 @@ from illume.adapters import PRODUCTION
 from illume.critics import FactCritic, critic_input, make_critic
 from illume.data import VQAXItem
 from illume.evaluation.metrics import answer_accuracy
+from illume.seeds import derived_seed
 
 TERMINAL = {"promoted", "rejected", "failed"}
 # The controller's refusal while the gate's held-out split is short (illume.evaluation.gate).
@@ -70,10 +70,7 @@ def _image_bytes(item: VQAXItem) -> bytes:
 
 def item_seed(sampling_seed: int | None, question_id: str) -> int | None:
     """The sampling seed of the judging request for ``question_id`` (None: the server's choice)."""
-    if sampling_seed is None:
-        return None
-    digest = hashlib.sha256(f"illume-simulate/{sampling_seed}/{question_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1  # below 2**63: a valid uint64 and int64
+    return None if sampling_seed is None else derived_seed("illume-simulate", sampling_seed, question_id)
 
 
 class Simulator:

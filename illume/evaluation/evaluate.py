@@ -25,7 +25,6 @@ gets the same candidates whatever ``limit``, ``batch_size`` or the order of item
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -38,6 +37,7 @@ from illume.data.vqax import VQAXItem
 from illume.evaluation.metrics import acceptance, answer_accuracy, caption_scores, normalise_answer
 from illume.generation.generator import GenerateRequest, Generator, SamplingParams, chunked
 from illume.images import load_image_file
+from illume.seeds import derived_seed
 
 CAPTION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 EMPTY_PREDICTION = "<empty>"  # pycocoevalcap cannot score an empty string; this scores as a miss
@@ -131,7 +131,7 @@ def _cells(g: GroupScores, captions: Sequence[str], critics: Sequence[str]) -> l
 
 def item_seed(seed: int, question_id: str) -> int:
     """The sampling seed of one item (independent of batching and order)."""
-    return int.from_bytes(hashlib.sha256(f"illume-eval/{seed}/{question_id}".encode()).digest()[:6], "big")
+    return derived_seed("illume-eval", seed, question_id)
 
 
 def family_of(item: VQAXItem) -> str:

@@ -32,7 +32,6 @@ Contract (``run_loop(model_dir, train_items, val_items, config, out_dir=...)``):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -48,6 +47,7 @@ from illume.data.vqax import VQAXItem
 from illume.evaluation.evaluate import EvalReport, evaluate_generator
 from illume.generation.generator import GenerateRequest, Generator, SamplingParams, chunked
 from illume.images import load_image_file
+from illume.seeds import derived_seed
 from illume.training.replay import replay_items
 from illume.training.round import TrainConfig, load_adapter_model, train_round
 from illume.training.snapshot import JudgedItem, SnapshotConfig, build_snapshot
@@ -170,8 +170,7 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def _seed(*parts: object) -> int:
-    text = "/".join(str(p) for p in ("illume-loop", *parts))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "big")
+    return derived_seed("illume-loop", *parts)
 
 
 def val_summary(report: EvalReport) -> dict[str, Any]:
