@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from illume.evaluation.canary import CanaryConfig
-from illume.evaluation.gate import ANSWER_ACCURACY, DEFAULT_METRICS, GateConfig
+from illume.evaluation.gate import ANSWER_ACCURACY, PREFERENCE, GateConfig
 from illume.models.loading import ModelSettings
 from illume.selection import SelectionConfig
 from illume.store.settings import StoreSettings
@@ -185,16 +185,24 @@ class WebSettings(_Settings):
 
 
 def served_gate(**changes: object) -> GateConfig:
-    """The server's gate: the held-out rationale metrics and the held-out answers.
+    """The server's gate: held-out preference, answers, and ROUGE-L as a guard against collapse.
 
-    Why the answers: the rationale metrics never look at them, and a served round promoted on
-    ROUGE-L lost 4.8 points of answers on 500 val items (docs/STUDY.md, "The gate's answer
-    check"). 5 points lets a candidate lose one answer in twenty held-out items more than
-    production, not one in sixteen or fewer.
+    - **Preference** (5 points): how often each side ranks the annotators' accepted candidates
+      above the rejected ones of the same held-out generation (lower loss). Both sides rank the
+      same judged texts, so neither is scored against its own outputs. The caption metrics
+      compare each side's greedy rationale with references production sampled: on four served
+      runs they refused 11 of 14 rounds, among them adapters better than production on every
+      gold measure (docs/STUDY.md, "A gate that ranks").
+    - **Answers** (5 points): the rationale checks never look at answers, and a served round
+      promoted on ROUGE-L lost 4.8 points of answers on 500 val items. 5 points lets a
+      candidate lose one answer in twenty held-out items, not one in sixteen or fewer.
+    - **ROUGE-L** (15 points): against production's samples a sound adapter lost up to 10.6
+      points, so only a collapse of the greedy rationale (an adapter trained on harm) refuses.
+      BLEU-4 and CIDEr are still scored and recorded, not compared.
     """
     return GateConfig(
-        metrics=(*DEFAULT_METRICS, ANSWER_ACCURACY),
-        tolerance={ANSWER_ACCURACY: 5.0},
+        metrics=(PREFERENCE, ANSWER_ACCURACY, "ROUGE-L"),
+        tolerance={PREFERENCE: 5.0, ANSWER_ACCURACY: 5.0, "ROUGE-L": 15.0},
         **changes,  # type: ignore[arg-type]
     )
 

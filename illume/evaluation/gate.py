@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -59,14 +60,19 @@ from illume.adapters import PRODUCTION
 from illume.critics import make_critic
 from illume.evaluation.metrics import normalise_answer
 from illume.generation.generator import GenerateRequest, Generator, SamplingParams, chunked
+from illume.generation.prompts import rationale_prompt
 
 HELD_OUT = "held_out"
 ITEMS_KEY = "items"
 DEFAULT_METRICS = ("ROUGE-L", "BLEU-4", "CIDEr")
 ANSWER_ACCURACY = "answer_accuracy"
 ANSWER_ITEMS = "answer_items"
+PREFERENCE = "preference_accuracy"
+PREFERENCE_ITEMS = "preference_items"
 # Metrics measured on a subset of the items, with the key of that subset's size.
-EVIDENCE_KEYS = {ANSWER_ACCURACY: ANSWER_ITEMS}
+EVIDENCE_KEYS = {ANSWER_ACCURACY: ANSWER_ITEMS, PREFERENCE: PREFERENCE_ITEMS}
+# What makes an item part of that subset (for the reason when the subset is too small).
+_EVIDENCE_OF = {ANSWER_ITEMS: "answers known", PREFERENCE_ITEMS: "accepted and rejected candidates"}
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,9 @@ class GateItem:
     """One held-out item: the image (or a zero-argument loader), question, answer and references.
 
     ``answer_known``: the answer is a reference for the answer check (the client's, or one an
-    annotator judged right), not only what production answered."""
+    annotator judged right), not only what production answered. ``rejected``: the item's
+    candidates no annotator marked fitting (the preference check ranks ``references`` above
+    them)."""
 
     generation_id: str
     image: Image.Image | Callable[[], Image.Image]
@@ -82,6 +90,7 @@ class GateItem:
     answer: str
     references: Sequence[str] = field(default_factory=tuple)
     answer_known: bool = True
+    rejected: Sequence[str] = field(default_factory=tuple)
 
     def load_image(self) -> Image.Image:
         return self.image if isinstance(self.image, Image.Image) else self.image()
@@ -229,6 +238,8 @@ def score(
     out = {ITEMS_KEY: float(len(usable)), **scores}
     if any(metric_matches(m, ANSWER_ACCURACY) for m in config.metrics):
         out |= answer_scores(generator, adapter, usable, config)
+    if any(metric_matches(m, PREFERENCE) for m in config.metrics):
+        out |= preference_scores(generator, adapter, usable, config)
     return out
 
 
@@ -263,6 +274,62 @@ def answer_scores(
         normalise_answer(p) == normalise_answer(item.answer) for p, item in zip(predicted, known, strict=True)
     )
     return {ANSWER_ACCURACY: 100.0 * hits / len(known), ANSWER_ITEMS: float(len(known))}
+
+
+def rationale_losses(
+    generator: Generator, adapter: str | None, item: GateItem, texts: Sequence[str], batch_size: int
+) -> list[float]:
+    """``adapter``'s mean token loss (cross-entropy, nats) of each text as the rationale of the
+    item's answer, in text order: the training objective's loss on that row (image, the rationale
+    prompt, the text and EOS)."""
+    from illume.generation.hf_engine import adapter_kwargs
+    from illume.training.round import collate, encode_row, pad_token_id, row_losses
+    from illume.training.snapshot import SnapshotRow
+
+    loaded = generator.loaded
+    image = item.load_image()
+    prompt = rationale_prompt(item.question, item.answer)
+    source = item.generation_id
+    rows = [
+        SnapshotRow(kind="rationale", source_id=source, image="", prompt=prompt, target=f" {text}")
+        for text in texts
+    ]
+    examples = [encode_row(loaded, row, image) for row in rows]
+    out: list[float] = []
+    with generator.lock, torch.inference_mode():
+        for chunk in chunked(examples, batch_size):
+            batch = {k: v.to(loaded.device) for k, v in collate(chunk, pad_token_id(loaded)).items()}
+            kwargs = adapter_kwargs(loaded.model, [adapter] * len(chunk))
+            out.extend(float(x) for x in row_losses(loaded.model, batch, loaded.dtype, **kwargs))
+    return out
+
+
+def pairs_ranked_right(accepted: Sequence[float], rejected: Sequence[float]) -> float:
+    """The share of (accepted, rejected) pairs whose accepted text has the lower loss (ties: half)."""
+    wins = sum(1.0 if a < r else 0.5 if a == r else 0.0 for a in accepted for r in rejected)
+    return wins / (len(accepted) * len(rejected))
+
+
+def preference_scores(
+    generator: Generator, adapter: str | None, items: Sequence[GateItem], config: GateConfig
+) -> dict[str, float]:
+    """``preference_accuracy`` (percent): over the items with both accepted and rejected
+    candidates, the mean share of (accepted, rejected) pairs that ``adapter`` ranks right (lower
+    loss on the accepted one), and ``preference_items``.
+
+    Why: both sides rank the same judged candidates, so neither is measured against its own
+    outputs; the caption metrics compare each side's greedy rationale with references production
+    sampled, which favours production (docs/STUDY.md, "A gate that ranks")."""
+    ranked = [item for item in items if item.references and item.rejected]
+    if not ranked:
+        return {PREFERENCE_ITEMS: 0.0}
+    shares = []
+    for item in ranked:
+        texts = [*item.references, *item.rejected]
+        losses = rationale_losses(generator, adapter, item, texts, config.batch_size)
+        split = len(item.references)
+        shares.append(pairs_ranked_right(losses[:split], losses[split:]))
+    return {PREFERENCE: 100.0 * sum(shares) / len(shares), PREFERENCE_ITEMS: float(len(ranked))}
 
 
 def score_curated(
@@ -417,8 +484,8 @@ def _metric_evidence(
         )
     if on_candidate < max(rules.min_items, 1):
         return _Skip(
-            f"{set_name}/{metric} not compared: {on_candidate:g} items with {key.removesuffix('_items')}s "
-            f"known < min_items {max(rules.min_items, 1)}",
+            f"{set_name}/{metric} not compared: {on_candidate:g} items with {_EVIDENCE_OF[key]} "
+            f"< min_items {max(rules.min_items, 1)}",
             refuse=False,
         )
     return on_candidate
@@ -504,6 +571,8 @@ __all__ = [
     "ANSWER_ACCURACY",
     "ANSWER_ITEMS",
     "HELD_OUT",
+    "PREFERENCE",
+    "PREFERENCE_ITEMS",
     "CuratedSetConfig",
     "GateConfig",
     "GateDecision",
@@ -514,6 +583,9 @@ __all__ = [
     "evaluate_gate",
     "greedy_answers",
     "greedy_rationales",
+    "pairs_ranked_right",
+    "preference_scores",
+    "rationale_losses",
     "score",
     "score_all",
     "score_curated",

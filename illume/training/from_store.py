@@ -25,7 +25,9 @@ Contract:
   answer is wrong (references that justify a wrong answer are no reference), as ``GateItem``s whose
   references are the accepted texts; images load lazily from the store. ``answer_known``: the
   client sent the answer, or an annotator judged the model's own answer right (the gate's answer
-  check compares against no other answer).
+  check compares against no other answer). ``rejected``: the texts of the item's candidates no
+  current judgement marked fitting (deduplicated, none equal to an accepted text), which the
+  gate's preference check ranks below the accepted ones.
 - ``gate_evidence(store, namespace, limit)``: how many items ``gate_items`` would return now,
   without reading an image (the LoopController and the round wait while it is below the gate's
   ``min_items``).
@@ -78,6 +80,21 @@ def _accepted(record: GenerationRecord, include_corrected: bool) -> tuple[str, .
         if text:
             first.setdefault(normalise_rationale(text), text)
     return tuple(first.values())
+
+
+def _rejected(record: GenerationRecord, accepted: tuple[str, ...]) -> tuple[str, ...]:
+    """The texts of the candidates no current judgement marked fitting, in candidate order,
+    deduplicated, leaving out any text equal (normalised) to an accepted one."""
+    fitting = {cid for j in record.judgements if j.verdict == "selected" for cid in j.fitting_candidate_ids}
+    seen = {normalise_rationale(text) for text in accepted}
+    out: list[str] = []
+    for candidate in sorted(record.candidates, key=lambda c: c.index):
+        text = candidate.text.strip()
+        key = normalise_rationale(text)
+        if text and candidate.candidate_id not in fitting and key not in seen:
+            seen.add(key)
+            out.append(text)
+    return tuple(out)
 
 
 def _answer_correct(record: GenerationRecord) -> bool | None:
@@ -171,6 +188,7 @@ def gate_items(store: Any, namespace: str, limit: int, *, include_corrected: boo
                 references=references,
                 # An answer production gave itself is a reference only once someone judged it right.
                 answer_known=not record.answer_generated or _answer_correct(record) is True,
+                rejected=_rejected(record, references),
             )
         )
     return list(chosen)

@@ -270,19 +270,23 @@ class SnapshotDataset(torch.utils.data.Dataset):
         return example
 
 
+def pad_token_id(loaded: LoadedModel) -> int:
+    """The id rows are right-padded with: the tokenizer's pad token, else its EOS."""
+    pad = loaded.tokenizer.pad_token_id
+    return int(loaded.tokenizer.eos_token_id if pad is None else pad)
+
+
 def make_loader(
     dataset: SnapshotDataset, batch_size: int, *, shuffle: bool, seed: int
 ) -> torch.utils.data.DataLoader:
-    pad = dataset.loaded.tokenizer.pad_token_id
-    if pad is None:
-        pad = dataset.loaded.tokenizer.eos_token_id
+    pad = pad_token_id(dataset.loaded)
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         generator=generator,
-        collate_fn=_Collator(int(pad)),
+        collate_fn=_Collator(pad),
     )
 
 
@@ -299,15 +303,18 @@ class _Collator:
 # --- loss ------------------------------------------------------------------------------------
 
 
-def row_losses(model: Any, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """Mean target-token cross-entropy of every row of ``batch`` (shape: rows)."""
+def row_losses(
+    model: Any, batch: dict[str, torch.Tensor], dtype: torch.dtype, **model_kwargs: Any
+) -> torch.Tensor:
+    """Mean target-token cross-entropy of every row of ``batch`` (shape: rows); ``model_kwargs``
+    go to the forward pass (peft's per-row ``adapter_names`` when scoring adapters side by side)."""
     device = batch["input_ids"].device
     inputs = {
         k: v.to(dtype) if v.is_floating_point() else v
         for k, v in batch.items()
         if k not in ("labels", "row_weight", "is_rationale")
     }
-    logits = model(**inputs, use_cache=False).logits
+    logits = model(**inputs, use_cache=False, **model_kwargs).logits
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     # Only the target positions are lifted to float32 (logits of real vocabularies are large).
@@ -866,6 +873,7 @@ __all__ = [
     "encode_row",
     "load_adapter_model",
     "mean_row_weight",
+    "pad_token_id",
     "round_metadata",
     "row_losses",
     "snapshot_loss",

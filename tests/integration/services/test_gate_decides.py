@@ -52,9 +52,10 @@ def model_dir(tmp_path_factory, world) -> Path:
     return tiny_llava_for(world["train"], tmp_path_factory.mktemp("model"))
 
 
-def _judge(store: FeedbackStore, item, rationales, key: str | None = None, generation=None):
-    """Generate ``rationales`` for ``item`` (unless ``generation`` is given) and accept them all;
-    with ``rationales`` empty, judge "none fit" (a revision of the same annotator's judgement)."""
+def _judge(store: FeedbackStore, item, rationales, key: str | None = None, generation=None, fitting=None):
+    """Generate ``rationales`` for ``item`` (unless ``generation`` is given) and accept the first
+    ``fitting`` (default: all); with ``rationales`` empty, judge "none fit" (a revision of the same
+    annotator's judgement)."""
     record = generation or store.record_generation(
         NewGeneration(
             namespace=NAMESPACE,
@@ -77,11 +78,21 @@ def _judge(store: FeedbackStore, item, rationales, key: str | None = None, gener
             annotator_id="tester",
             idempotency_key=key or f"judge-{next(_keys)}",
             namespace=NAMESPACE,
-            fitting_candidate_ids=tuple(c.candidate_id for c in record.candidates) if rationales else (),
+            fitting_candidate_ids=tuple(c.candidate_id for c in record.candidates[:fitting])
+            if rationales
+            else (),
             answer_correct=True,
         )
     )
     return record
+
+
+def _another(items, k: int) -> str:
+    """A rationale of another item with another answer (one that does not fit item ``k``)."""
+    for other in items[k + 1 :] + items[:k]:
+        if other.answer != items[k].answer:
+            return other.explanations[0]
+    raise AssertionError("every item has the same answer")
 
 
 def _held_out(item) -> bool:
@@ -113,8 +124,8 @@ def config(ray_cluster, tmp_path_factory, model_dir, world):
                 min_items=MIN_ITEMS,
                 allow_empty=False,
                 default_tolerance=2.0,
-                # The served gate's answer check, scored in the gate's Ray task like the rest.
-                metrics=(*DEFAULT_METRICS, "answer_accuracy"),
+                # The served gate's answer and preference checks, scored in the gate's Ray task.
+                metrics=(*DEFAULT_METRICS, "answer_accuracy", "preference_accuracy"),
                 tokenize=False,
                 max_new_tokens=10,
             ),
@@ -137,7 +148,11 @@ def test_a_harmful_round_is_rejected_with_a_metric_drop_on_min_items_both_sides(
     items = list(world["train"])
     training = [item for item in items if not _held_out(item)]
     with FeedbackStore(config.feedback_log.store) as store:
-        generations = {id(item): _judge(store, item, item.explanations[:2]) for item in items}
+        # Two gold rationales fit; a third, another item's, does not (the preference check's pair).
+        generations = {
+            id(item): _judge(store, item, [*item.explanations[:2], _another(items, k)], fitting=2)
+            for k, item in enumerate(items)
+        }
 
     # The good round: production is the base model (random weights); any tolerance passes here,
     # what matters is a production adapter that writes rationales like the references.
@@ -145,12 +160,14 @@ def test_a_harmful_round_is_rejected_with_a_metric_drop_on_min_items_both_sides(
     assert good.state == "promoted", good.reason
     assert f"held_out {good.scores['gate']['items']} items" in good.reason
     assert good.scores["gate"]["items"] >= MIN_ITEMS
-    # Both sides answered every held-out item (the client sent its answer) on the same items.
+    # Both sides answered and ranked every held-out item (the client sent its answer, and each
+    # item has a rejected candidate) on the same items.
     for side in ("candidate", "production"):
         scored = good.scores["gate"][side]["held_out"]
-        assert scored["answer_items"] == scored["items"] == good.scores["gate"]["items"]
-        assert 0 <= scored["answer_accuracy"] <= 100
-    assert "held_out/answer_accuracy " in good.reason
+        assert scored["answer_items"] == scored["preference_items"] == good.scores["gate"]["items"]
+        assert scored["items"] == good.scores["gate"]["items"]
+        assert 0 <= scored["answer_accuracy"] <= 100 and 0 <= scored["preference_accuracy"] <= 100
+    assert "held_out/answer_accuracy " in good.reason and "held_out/preference_accuracy " in good.reason
 
     # The harm: every training judgement revised to "none fit"; accepted instead, per training
     # item, a nonsense rationale for another item's answer.

@@ -158,3 +158,17 @@ def test_a_gate_item_knows_its_answer_when_the_client_sent_it_or_an_annotator_ju
     _judge(store, own_judged, "selected", fitting=(0,), answer_correct=True)
     known = {i.generation_id: i.answer_known for i in gate_items(store, "default", limit=10)}
     assert known == {sent.generation_id: True, own.generation_id: False, own_judged.generation_id: True}
+
+
+def test_a_gate_item_carries_the_candidates_no_annotator_marked_fitting(store):
+    gen = _generation(
+        store,
+        ["the square is red", "it is blue", "The square is red ", "a circle", "it is blue", "its corners"],
+        held_out=True,
+    )
+    _judge(store, gen, "selected", fitting=(0,), annotator="ann-1")
+    _judge(store, gen, "selected", fitting=(5,), annotator="ann-2")
+    (item,) = gate_items(store, "default", limit=10)
+    assert item.references == ("the square is red", "its corners")
+    # Unmarked, in candidate order, deduplicated; a copy of an accepted text is no rejection.
+    assert item.rejected == ("it is blue", "a circle")

@@ -17,6 +17,9 @@ from illume.evaluation.gate import (
     evaluate_gate,
     greedy_answers,
     greedy_rationales,
+    pairs_ranked_right,
+    preference_scores,
+    rationale_losses,
     score,
     score_curated,
 )
@@ -149,6 +152,54 @@ def test_score_checks_answers_only_where_they_are_known_and_asked_for(generator,
     assert answer_scores(generator, None, unknown, asked) == {"answer_accuracy": 100.0, "answer_items": 2.0}
     unknown_all = [dataclasses.replace(item, answer_known=False) for item in right]
     assert answer_scores(generator, None, unknown_all, asked) == {"answer_items": 0.0}
+
+
+def test_pairs_ranked_right_counts_accepted_below_rejected_and_ties_as_half():
+    assert pairs_ranked_right([1.0], [2.0, 3.0]) == 1.0
+    assert pairs_ranked_right([1.0, 4.0], [2.0, 3.0]) == 0.5
+    assert pairs_ranked_right([2.0], [2.0, 1.0]) == 0.25
+
+
+def test_preference_ranks_the_judged_candidates_under_each_adapter(
+    generator, adapter_store, adapters, images, tmp_path
+):
+    config = GateConfig(batch_size=2, metrics=("preference_accuracy",))
+    texts = ["the square is red", "a blue circle sits on the left", "zz qq"]
+    probe = _items(images, [["x"]] * 3)
+    base = [rationale_losses(generator, None, item, texts, config.batch_size) for item in probe]
+    assert all(len(losses) == 3 and all(loss > 0 for loss in losses) for losses in base)
+    # Accepted: the text the base model finds likelier; rejected: the other two.
+    ordered = [[t for _, t in sorted(zip(losses, texts, strict=True))] for losses in base]
+    right = [
+        dataclasses.replace(item, references=o[:1], rejected=o[1:])
+        for item, o in zip(probe, ordered, strict=True)
+    ]
+    assert preference_scores(generator, None, right, config) == {
+        "preference_accuracy": 100.0,
+        "preference_items": 3.0,
+    }
+    wrong = [
+        dataclasses.replace(item, references=o[2:], rejected=o[:2])
+        for item, o in zip(probe, ordered, strict=True)
+    ]
+    assert preference_scores(generator, None, wrong, config)["preference_accuracy"] == 0.0
+    # Items without a rejected candidate are no evidence; score() adds the check when asked.
+    unranked = [dataclasses.replace(right[0], rejected=()), *right[1:]]
+    assert preference_scores(generator, None, unranked, config)["preference_items"] == 2.0
+    assert preference_scores(generator, None, unranked[:1], config) == {"preference_items": 0.0}
+    assert (
+        score(generator, None, right, config.model_copy(update={"max_new_tokens": 4}))["preference_items"]
+        == 3
+    )
+    # Each row runs under its adapter: the candidate's losses are its own, and the base model's
+    # are unchanged once the model carries the adapter.
+    v1 = adapters["rationale-v1"]
+    AdapterCache(generator, adapter_store, work_dir=tmp_path / "cache").ensure(v1.name, v1.uri, v1.manifest)
+    with_adapter = rationale_losses(generator, v1.name, probe[0], texts, config.batch_size)
+    assert with_adapter != pytest.approx(base[0], abs=1e-4)
+    assert rationale_losses(generator, None, probe[0], texts, config.batch_size) == pytest.approx(
+        base[0], abs=1e-4
+    )
 
 
 def test_score_curated_reports_answers_acceptance_and_captions(generator, images, tmp_path):

@@ -83,3 +83,27 @@ def test_answers_are_compared_on_their_own_evidence():
     )
     # Scores without any answer keys (an older scorer) are missing, as any configured metric.
     assert "held_out/answer_accuracy: missing" in decide(PRODUCTION, PRODUCTION, ANSWERS).reason
+
+
+PREFERENCE = GateConfig(
+    min_items=10, metrics=("preference_accuracy", "ROUGE-L"), tolerance={"preference_accuracy": 5.0}
+)
+
+
+def test_preference_is_compared_on_the_items_with_accepted_and_rejected_candidates():
+    def scored(preference: float, items: float) -> dict[str, float]:
+        return {**PRODUCTION, "preference_accuracy": preference, "preference_items": items}
+
+    worse = decide(scored(60.0, 12.0), scored(70.0, 12.0), PREFERENCE)
+    assert worse.reason == (
+        "refused: held_out/preference_accuracy 60.00 < production 70.00 - 5 "
+        "(a drop of 10.00 points on 12 / 12 items)"
+    )
+    # Ranking better promotes even where the greedy rationale is further from production's samples.
+    better = decide({**scored(75.0, 12.0), "ROUGE-L": 38.5}, scored(70.0, 12.0), PREFERENCE)
+    assert better.promote and "held_out/preference_accuracy +5.00" in better.reason
+    few = decide(scored(0.0, 4.0), scored(100.0, 4.0), PREFERENCE)
+    assert few.promote and (
+        "held_out/preference_accuracy not compared: 4 items with accepted and rejected candidates "
+        "< min_items 10" in few.reason
+    )

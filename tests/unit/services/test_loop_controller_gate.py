@@ -149,12 +149,12 @@ def test_the_embedded_default_refuses_promotion_without_evidence(tmp_path):
     assert fraction * config.tuning.min_new_judgements >= config.tuning.gate.min_items
 
 
-def test_the_served_gate_also_checks_held_out_answers(tmp_path):
+def test_the_served_gate_ranks_judged_candidates_checks_answers_and_guards_rouge(tmp_path):
     from services.config import TuningSettings, default_config
 
     for gate in (default_config(tmp_path, tmp_path / "model").tuning.gate, TuningSettings().gate):
-        assert gate.metrics == ("ROUGE-L", "BLEU-4", "CIDEr", "answer_accuracy")
-        assert gate.tolerance_for("answer_accuracy") == 5.0 and gate.tolerance_for("ROUGE-L") == 1.0
+        assert gate.metrics == ("preference_accuracy", "answer_accuracy", "ROUGE-L")
+        assert [gate.tolerance_for(m) for m in gate.metrics] == [5.0, 5.0, 15.0]
 
 
 # --- the canary ------------------------------------------------------------------------------
