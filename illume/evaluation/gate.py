@@ -14,6 +14,13 @@ Contract (docs/ARCHITECTURE.md, "The gate"):
   the percent that match it (ILLUME's answer normalisation) and ``answer_items`` how many were
   answered. Why: the rationale metrics never look at answers, and a round that explains well can
   still answer worse (docs/STUDY.md);
+- **held-out preference** (when ``preference_accuracy`` is among the held-out set's metrics): on
+  each item with both accepted (``references``) and rejected candidates (``GateItem.rejected``),
+  the model's training loss of every one of them as the rationale of the item's answer
+  (``rationale_losses``); ``preference_accuracy`` is the mean share of (accepted, rejected) pairs
+  ranked right (lower loss on the accepted one, ties half), in percent, on ``preference_items``
+  items. Both sides rank the same judged texts, where the caption scores compare each side's
+  greedy rationale with candidates production sampled (docs/STUDY.md, "A gate that ranks");
 - **curated sets** (optional): VQA-X style items with gold explanations, scored by
   ``score_curated`` through ``illume.evaluation.evaluate.evaluate_generator``: the caption scores of the
   greedy rationale, ``answer_accuracy`` and, per critic, ``acceptance/<critic>`` (share of
@@ -27,10 +34,10 @@ Contract (docs/ARCHITECTURE.md, "The gate"):
   A refusal's reason names each failing metric with both scores, the tolerance, the drop and the
   items scored on each side (``held_out/ROUGE-L 24.60 < production 39.30 - 2 (a drop of 14.70
   points on 12 / 12 items)``); a promotion's names the items and every metric's delta. A metric
-  with its own evidence count (``answer_accuracy``: ``answer_items``) is compared only when that
-  count reaches ``min_items`` on both sides; below it the metric is skipped with a note naming the
-  count (a deployment whose clients send no answers has no answers to check), and different
-  counts on the two sides refuse;
+  with its own evidence count (``answer_accuracy``: ``answer_items``; ``preference_accuracy``:
+  ``preference_items``) is compared only when that count reaches ``min_items`` on both sides;
+  below it the metric is skipped with a note naming the count (a deployment whose clients send no
+  answers has no answers to check), and different counts on the two sides refuse;
 - **too few items**: a set with fewer than ``min_items`` items refuses promotion (too little
   evidence), unless the set's ``allow_empty`` is set, in which case the set is skipped (with a
   note in the reason). Skipping covers both an empty and a too-small set, so more evidence never
