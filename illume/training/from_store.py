@@ -68,8 +68,13 @@ def question_key(image_sha256: str, question: str) -> str:
     return hashlib.sha256(f"illume/question\0{image_sha256}\0{normalised}".encode()).hexdigest()[:32]
 
 
+def _fitting_ids(record: GenerationRecord) -> set[str]:
+    """The ids of the candidates any current judgement marked fitting."""
+    return {cid for j in record.judgements if j.verdict == "selected" for cid in j.fitting_candidate_ids}
+
+
 def _accepted(record: GenerationRecord, include_corrected: bool) -> tuple[str, ...]:
-    fitting = {cid for j in record.judgements if j.verdict == "selected" for cid in j.fitting_candidate_ids}
+    fitting = _fitting_ids(record)
     texts = [
         c.text.strip() for c in sorted(record.candidates, key=lambda c: c.index) if c.candidate_id in fitting
     ]
@@ -85,7 +90,7 @@ def _accepted(record: GenerationRecord, include_corrected: bool) -> tuple[str, .
 def _rejected(record: GenerationRecord, accepted: tuple[str, ...]) -> tuple[str, ...]:
     """The texts of the candidates no current judgement marked fitting, in candidate order,
     deduplicated, leaving out any text equal (normalised) to an accepted one."""
-    fitting = {cid for j in record.judgements if j.verdict == "selected" for cid in j.fitting_candidate_ids}
+    fitting = _fitting_ids(record)
     seen = {normalise_rationale(text) for text in accepted}
     out: list[str] = []
     for candidate in sorted(record.candidates, key=lambda c: c.index):
