@@ -8,7 +8,8 @@ Contract (docs/STUDY.md):
   (the same, each round starting from the previous round's adapter), ``illume-paper-rouge`` (the
   same, the paper's ROUGE-L >= 0.7 critic instead of the fact critic), ``illume-paper-replay-explained``
   (the same, answer rows drawn from every answered question, those with rationale rows included:
-  a step-3 change), ``illume-minimal-<P>`` (P %
+  a step-3 change), the paper protocol with several of these changes at once, named in that
+  order (``illume-paper-parent-replay-explained``), ``illume-minimal-<P>`` (P %
   of the pool judged per round, never a question already accepted), and ``base`` (the base model,
   measured once per world); ``study_grid(seeds)`` lists the planned runs of those seeds;
 - every run of world seed S uses the same world (``StudyConfig.world_sizes``, built once under
@@ -47,7 +48,11 @@ from illume.training.round import TrainConfig
 Family = Literal["base", "sft", "illume"]
 RECORD_VERSION = 1
 _NAME = re.compile(r"^(?P<family>base|sft|illume)(?:-(?P<setting>[a-z0-9-]+?))?-seed(?P<seed>\d+)$")
-_SETTINGS = re.compile(r"^(?:paper(?:-parent|-rouge|-replay-explained)?|minimal-\d+(?:\.\d+)?)$")
+# The paper protocol's step-3 changes, composable in this order (``paper-parent-replay-explained``).
+_PAPER_CHANGES = ("parent", "rouge", "replay-explained")
+_SETTINGS = re.compile(
+    r"^(?:paper" + "".join(f"(?:-{c})?" for c in _PAPER_CHANGES) + r"|minimal-\d+(?:\.\d+)?)$"
+)
 
 
 def _study_loop() -> LoopConfig:
@@ -111,6 +116,14 @@ class RunSpec:
     def sft_fraction(self) -> float:
         return float(self.setting) / 100
 
+    def paper_changes(self) -> set[str]:
+        """The step-3 changes a paper-protocol setting names (``paper-parent-replay-explained``:
+        parent and replay-explained); empty for any other setting."""
+        if not self.setting.startswith("paper"):
+            return set()
+        rest = self.setting.removeprefix("paper")
+        return {change for change in _PAPER_CHANGES if f"-{change}" in rest}
+
     def loop_config(self, study: StudyConfig) -> LoopConfig:
         """The loop settings of an ILLUME run (the study's, changed only where the setting says)."""
         base = study.loop
@@ -127,11 +140,12 @@ class RunSpec:
                 "resample_accepted": True,
                 "stop_after_barren_rounds": study.stop_after_barren_rounds,
             }
-            if self.setting == "paper-parent":
+            changes = self.paper_changes()
+            if "parent" in changes:
                 update["train"] = update["train"].model_copy(update={"init_from": "parent"})
-            if self.setting == "paper-rouge":
+            if "rouge" in changes:
                 update["critic"] = "rouge_l"
-            if self.setting == "paper-replay-explained":
+            if "replay-explained" in changes:
                 update["snapshot"] = update["snapshot"].model_copy(update={"replay_explained": True})
         else:
             share = float(self.setting.removeprefix("minimal-")) / 100
@@ -156,8 +170,8 @@ def parse_run(name: str) -> RunSpec:
         raise ValueError(f"an SFT share is a percent in (0, 100]: {name!r}")
     if family == "illume" and not _SETTINGS.match(setting):
         raise ValueError(
-            f"unknown ILLUME setting in {name!r}: paper, paper-parent, paper-rouge, "
-            "paper-replay-explained or minimal-<percent>"
+            f"unknown ILLUME setting in {name!r}: paper, paper with any of -parent, -rouge, "
+            "-replay-explained in that order (paper-parent-replay-explained), or minimal-<percent>"
         )
     return RunSpec(family, setting, seed)  # type: ignore[arg-type]
 

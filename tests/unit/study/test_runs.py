@@ -22,6 +22,7 @@ from tests.unit.study.conftest import SEED
         ("illume-paper-parent-seed3", RunSpec("illume", "paper-parent", 3)),
         ("illume-paper-rouge-seed3", RunSpec("illume", "paper-rouge", 3)),
         ("illume-paper-replay-explained-seed0", RunSpec("illume", "paper-replay-explained", 0)),
+        ("illume-paper-parent-replay-explained-seed1", RunSpec("illume", "paper-parent-replay-explained", 1)),
         ("illume-minimal-2-seed4", RunSpec("illume", "minimal-2", 4)),
     ],
 )
@@ -36,6 +37,7 @@ def test_run_names_round_trip(name, spec):
         ("sft-0-seed2", "(0, 100]"),
         ("sft-150-seed2", "(0, 100]"),
         ("illume-greedy-seed2", "unknown ILLUME setting"),
+        ("illume-paper-replay-explained-parent-seed2", "in that order"),
         ("base-10-seed2", "no setting"),
         ("illume-paper", "not a study run name"),
         ("rlhf-paper-seed2", "not a study run name"),
@@ -74,6 +76,9 @@ def test_settings_change_only_what_they_name():
     replay = RunSpec("illume", "paper-replay-explained", 2).loop_config(study)
     assert replay.snapshot.replay_explained and not paper.snapshot.replay_explained
     assert replay.model_copy(update={"snapshot": paper.snapshot}) == paper
+    both = RunSpec("illume", "paper-parent-replay-explained", 2).loop_config(study)
+    assert both.train.init_from == "parent" and both.snapshot.replay_explained and both.critic == "fact"
+    assert both.model_copy(update={"snapshot": paper.snapshot, "train": paper.train}) == paper
     minimal = RunSpec("illume", "minimal-2", 2).loop_config(study)
     assert minimal.feedback_per_round == 30 and not minimal.resample_accepted
     assert minimal.stop_after_barren_rounds is None
