@@ -15,6 +15,11 @@ judges (client traffic, logged), then takes ``pool_per_round`` items from NextIt
 selection and judges those. The judgement count is the same either way, so the rounds' results
 compare what the queue's choice of items is worth.
 
+With ``mislabel_training`` it is a drill for the gate: on every generation the server trains on
+(not held out) it marks one candidate its critic rejects as the fitting one and none it accepts,
+while held-out generations are judged honestly, so a round trains on wrong rationales and the
+served gate, deciding on the honest held-out split, should refuse it.
+
 Judging requests carry a sampling seed derived from ``sampling_seed`` and the item's question id
 (``item_seed``), so the same command against the same server samples the same candidates; with
 ``sampling_seed`` None the server chooses one per request, as before.
@@ -87,8 +92,10 @@ class Simulator:
         select: str = "",
         traffic: int = 3,
         sampling_seed: int | None = None,
+        mislabel_training: bool = False,
     ) -> None:
         self.client = client
+        self.mislabel_training = mislabel_training
         self.sampling_seed = sampling_seed
         self.critic = make_critic(critic)
         self.fact = FactCritic()
@@ -125,7 +132,14 @@ class Simulator:
     def _judge(self, generation: Any, item: VQAXItem, round_index: int) -> int:
         """Judge a generation's candidates with the critic and submit; returns the fitting count."""
         verdicts = self.critic.judge_all([c.text for c in generation.candidates], critic_input(item))
-        fitting = [c.candidate_id for c, v in zip(generation.candidates, verdicts, strict=True) if v.accepted]
+        honest = not self.mislabel_training or generation.held_out
+        fitting = [
+            c.candidate_id
+            for c, v in zip(generation.candidates, verdicts, strict=True)
+            if v.accepted == honest
+        ]
+        if not honest:
+            fitting = fitting[:1]  # one wrong pick, as a careless annotator makes
         self.client.submit_feedback(
             generation.generation_id,
             fitting=fitting,

@@ -3,7 +3,8 @@
 Contract: a request-style verb (no config model; the server's own config decides how rounds
 train). It connects like ``illume client`` with the admin role, builds a world under
 ``<data-dir>/world`` unless ``--world`` names one, judges ``--pool`` train questions per round with
-the ``--critic``, starts each round and prints one table row per round (``illume.simulate``).
+the ``--critic`` (or, with ``--mislabel-training``, mislabels the training split as a drill for
+the gate), starts each round and prints one table row per round (``illume.simulate``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
             select=args.select or "",
             traffic=args.traffic,
             sampling_seed=None if args.sampling_seed < 0 else args.sampling_seed,
+            mislabel_training=args.mislabel_training,
         )
         print(HEADER)
         simulator.run(train, val, args.rounds, args.pool, seed=args.seed)
@@ -65,4 +67,11 @@ def configure(p: argparse.ArgumentParser) -> None:
         "generation)",
     )
     p.add_argument("--traffic", type=int, default=3, help="with --select: generations logged per judged item")
+    p.add_argument(
+        "--mislabel-training",
+        action="store_true",
+        help="a drill for the gate: on generations the server trains on, mark one candidate the "
+        "critic rejects as fitting and none it accepts; held-out ones are judged honestly, so the "
+        "served gate should refuse the round",
+    )
     p.set_defaults(func=run, role="admin")

@@ -151,3 +151,23 @@ def test_judging_requests_carry_a_seed_per_item_so_a_rerun_samples_the_same_cand
     unseeded = FakeClient()
     Simulator(unseeded, critic="rouge_l", n=2, concurrency=1, log=lambda _: None).feedback_round(batch, 1)
     assert unseeded.seeds == [None] * 4  # the server chooses
+
+
+def test_the_gate_drill_mislabels_what_the_server_trains_on_and_judges_held_out_honestly(tmp_path):
+    client = FakeClient()
+    original = client.generate
+
+    def generate(*args, **kwargs):  # every other generation is held out by the server
+        reply = original(*args, **kwargs)
+        reply.held_out = len(client.generated) % 2 == 0
+        return reply
+
+    client.generate = generate
+    simulator = Simulator(
+        client, critic="rouge_l", n=2, concurrency=1, mislabel_training=True, log=lambda _: None
+    )
+    assert simulator.feedback_round(items(tmp_path, 4), round_index=1) == (4, 4)
+    fitting = {v["generation_id"]: v["fitting"] for v in client.submitted}
+    # Training split (g0, g2): the candidate the critic rejects; held out (g1, g3): the gold one.
+    assert fitting == {"g0": ["g0-c1"], "g1": ["g1-c0"], "g2": ["g2-c1"], "g3": ["g3-c0"]}
+    assert not any(v["none_fit"] for v in client.submitted)
