@@ -15,10 +15,14 @@ judges (client traffic, logged), then takes ``pool_per_round`` items from NextIt
 selection and judges those. The judgement count is the same either way, so the rounds' results
 compare what the queue's choice of items is worth.
 
-With ``mislabel_training`` it is a drill for the gate: on every generation the server trains on
-(not held out) it marks one candidate its critic rejects as the fitting one and none it accepts,
-while held-out generations are judged honestly, so a round trains on wrong rationales and the
-served gate, deciding on the honest held-out split, should refuse it.
+With ``mislabel`` it is a drill for the gate: on every generation the server trains on (not held
+out) it marks none of the candidates its critic accepts and, as fitting, the first one it rejects
+(``"one"``: a careless annotator) or every one it rejects (``"inverted"``: an adversary); or
+(``"wrong-answer"``) it asks again for the item with a wrong answer (another answer to the same
+kind of question in the pool, ``wrong_answer``) and marks every candidate of that generation
+fitting, leaving the first unjudged. Held-out generations are judged honestly. So the round
+trains on wrong rationales and the served gate decides on an honest held-out split (docs/STUDY.md,
+"The gate drill").
 
 Judging requests carry a sampling seed derived from ``sampling_seed`` and the item's question id
 (``item_seed``), so the same command against the same server samples the same candidates; with
@@ -30,6 +34,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,6 +48,8 @@ from illume.evaluation.metrics import answer_accuracy
 from illume.seeds import derived_seed
 
 TERMINAL = {"promoted", "rejected", "failed"}
+# How the gate drill judges the training split ("": honestly; see the module docstring).
+MISLABEL = ("", "one", "inverted", "wrong-answer")
 # The controller's refusal while the gate's held-out split is short (illume.evaluation.gate).
 EVIDENCE_WAIT = "waiting for held-out evidence"
 
@@ -73,6 +80,23 @@ def _image_bytes(item: VQAXItem) -> bytes:
     return Path(item.image_path).read_bytes()
 
 
+def wrong_answer(item: VQAXItem, pool: list[VQAXItem]) -> str:
+    """A wrong answer to ``item``'s question: the commonest answer in ``pool`` to a question of the
+    same family and first three words that is none of the item's answers (then of the family
+    alone); raises when the pool has none."""
+    family = item.extra.get("family")
+    stem = item.question.split()[:3]
+    for same in (lambda o: o.question.split()[:3] == stem, lambda o: True):
+        answers = Counter(
+            other.answer
+            for other in pool
+            if other.extra.get("family") == family and same(other) and other.answer not in item.answers
+        )
+        if answers:
+            return answers.most_common(1)[0][0]
+    raise ValueError(f"no wrong answer for {item.question_id!r} in a pool of {len(pool)} items")
+
+
 def item_seed(sampling_seed: int | None, question_id: str) -> int | None:
     """The sampling seed of the judging request for ``question_id`` (None: the server's choice)."""
     return None if sampling_seed is None else derived_seed("illume-simulate", sampling_seed, question_id)
@@ -92,10 +116,14 @@ class Simulator:
         select: str = "",
         traffic: int = 3,
         sampling_seed: int | None = None,
-        mislabel_training: bool = False,
+        mislabel: str = "",
     ) -> None:
+        if mislabel not in MISLABEL:
+            raise ValueError(f"mislabel is one of {sorted(MISLABEL)}, not {mislabel!r}")
+        if mislabel == "wrong-answer" and select:
+            raise ValueError("the wrong-answer drill asks again for each item it judges: not with select")
         self.client = client
-        self.mislabel_training = mislabel_training
+        self.mislabel = mislabel
         self.sampling_seed = sampling_seed
         self.critic = make_critic(critic)
         self.fact = FactCritic()
@@ -106,13 +134,14 @@ class Simulator:
         self.select = select
         self.traffic = traffic
         self.generated: dict[str, VQAXItem] = {}  # generation id -> the item it was generated for
+        self.answer_pool: list[VQAXItem] = []  # where the wrong-answer drill finds wrong answers
 
-    def _generate_for(self, item: VQAXItem) -> Any:
-        """Candidates for ``item`` with its gold answer (logged by the server)."""
+    def _generate_for(self, item: VQAXItem, answer: str | None = None) -> Any:
+        """Candidates for ``item`` with its gold answer, or ``answer`` (logged by the server)."""
         return self.client.generate(
             _image_bytes(item),
             item.question,
-            item.answer,
+            answer or item.answer,
             n=self.n,
             seed=item_seed(self.sampling_seed, item.question_id),
             namespace=self.namespace,
@@ -123,7 +152,11 @@ class Simulator:
         """Generate for ``items``, judge, submit; returns (feedback submitted, accepted candidates)."""
 
         def one(item: VQAXItem) -> tuple[int, int]:
-            return 1, self._judge(self._generate_for(item), item, round_index)
+            generation = self._generate_for(item)
+            if self.mislabel == "wrong-answer" and not generation.held_out:
+                wrong = self._generate_for(item, wrong_answer(item, self.answer_pool))
+                return 1, self._submit(wrong, [c.candidate_id for c in wrong.candidates], round_index)
+            return 1, self._judge(generation, item, round_index)
 
         with ThreadPoolExecutor(self.concurrency) as pool:
             results = list(pool.map(one, items))
@@ -132,14 +165,18 @@ class Simulator:
     def _judge(self, generation: Any, item: VQAXItem, round_index: int) -> int:
         """Judge a generation's candidates with the critic and submit; returns the fitting count."""
         verdicts = self.critic.judge_all([c.text for c in generation.candidates], critic_input(item))
-        honest = not self.mislabel_training or generation.held_out
+        honest = not self.mislabel or generation.held_out
         fitting = [
             c.candidate_id
             for c, v in zip(generation.candidates, verdicts, strict=True)
             if v.accepted == honest
         ]
-        if not honest:
-            fitting = fitting[:1]  # one wrong pick, as a careless annotator makes
+        if self.mislabel == "one" and not honest:
+            fitting = fitting[:1]
+        return self._submit(generation, fitting, round_index)
+
+    def _submit(self, generation: Any, fitting: list[str], round_index: int) -> int:
+        """Submit ``fitting`` (none fit when empty) with the answer judged right; the fitting count."""
         self.client.submit_feedback(
             generation.generation_id,
             fitting=fitting,
@@ -269,6 +306,7 @@ class Simulator:
         """Play ``rounds`` rounds of ``pool_per_round`` judged train items each (more while the server
         waits for held-out evidence) and measure production on ``val`` after each."""
         rng = random.Random(seed)
+        self.answer_pool = list(train)
         pool = list(train)
         rng.shuffle(pool)
         rows = [RoundRow(round=0)]

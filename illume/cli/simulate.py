@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
             select=args.select or "",
             traffic=args.traffic,
             sampling_seed=None if args.sampling_seed < 0 else args.sampling_seed,
-            mislabel_training=args.mislabel_training,
+            mislabel=args.mislabel_training or "",
         )
         print(HEADER)
         simulator.run(train, val, args.rounds, args.pool, seed=args.seed)
@@ -69,9 +69,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--traffic", type=int, default=3, help="with --select: generations logged per judged item")
     p.add_argument(
         "--mislabel-training",
-        action="store_true",
-        help="a drill for the gate: on generations the server trains on, mark one candidate the "
-        "critic rejects as fitting and none it accepts; held-out ones are judged honestly, so the "
-        "served gate should refuse the round",
+        choices=["one", "inverted", "wrong-answer"],
+        default=None,
+        help="a drill for the gate, on generations the server trains on: mark none of the candidates "
+        "the critic accepts and the first (one) or every (inverted) one it rejects as fitting, or "
+        "ask again with a wrong answer and mark every candidate fitting (wrong-answer); held-out "
+        "ones are judged honestly, so the served gate should refuse the round",
     )
     p.set_defaults(func=run, role="admin")

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from illume.data import VQAXItem
-from illume.simulate import Simulator, WaitingForEvidence, item_seed
+from illume.simulate import Simulator, WaitingForEvidence, item_seed, wrong_answer
 
 GOLD = "the square is red because it is painted red"
 
@@ -153,21 +153,86 @@ def test_judging_requests_carry_a_seed_per_item_so_a_rerun_samples_the_same_cand
     assert unseeded.seeds == [None] * 4  # the server chooses
 
 
-def test_the_gate_drill_mislabels_what_the_server_trains_on_and_judges_held_out_honestly(tmp_path):
+@pytest.mark.parametrize(("mislabel", "wrong"), [("one", ["c1"]), ("inverted", ["c1", "c2"])])
+def test_the_gate_drill_mislabels_what_the_server_trains_on_and_judges_held_out_honestly(
+    tmp_path, mislabel, wrong
+):
     client = FakeClient()
     original = client.generate
 
     def generate(*args, **kwargs):  # every other generation is held out by the server
         reply = original(*args, **kwargs)
+        gid = reply.generation_id
+        reply.candidates.append(SimpleNamespace(candidate_id=f"{gid}-c2", text="two dogs run on grass"))
         reply.held_out = len(client.generated) % 2 == 0
         return reply
 
     client.generate = generate
-    simulator = Simulator(
-        client, critic="rouge_l", n=2, concurrency=1, mislabel_training=True, log=lambda _: None
-    )
-    assert simulator.feedback_round(items(tmp_path, 4), round_index=1) == (4, 4)
+    simulator = Simulator(client, critic="rouge_l", n=3, concurrency=1, mislabel=mislabel, log=lambda _: None)
+    simulator.feedback_round(items(tmp_path, 4), round_index=1)
     fitting = {v["generation_id"]: v["fitting"] for v in client.submitted}
-    # Training split (g0, g2): the candidate the critic rejects; held out (g1, g3): the gold one.
-    assert fitting == {"g0": ["g0-c1"], "g1": ["g1-c0"], "g2": ["g2-c1"], "g3": ["g3-c0"]}
+    # Training split (g0, g2): the candidates the critic rejects; held out (g1, g3): the gold one.
+    assert fitting == {
+        "g0": [f"g0-{c}" for c in wrong],
+        "g1": ["g1-c0"],
+        "g2": [f"g2-{c}" for c in wrong],
+        "g3": ["g3-c0"],
+    }
     assert not any(v["none_fit"] for v in client.submitted)
+
+
+def test_an_unknown_drill_is_refused():
+    with pytest.raises(ValueError, match="mislabel is one of"):
+        Simulator(FakeClient(), mislabel="all")
+    with pytest.raises(ValueError, match="not with select"):
+        Simulator(FakeClient(), mislabel="wrong-answer", select="active")
+
+
+def _asked(question: str, answer: str, family: str, k: int = 0, image: Path = Path("red.png")) -> VQAXItem:
+    extra = {"family": family}
+    return VQAXItem(f"q{k}-{answer}", question, (answer,), (GOLD,), image.name, image, extra=extra)
+
+
+def test_a_wrong_answer_is_the_commonest_other_answer_to_the_same_kind_of_question():
+    item = _asked("what colour is the square?", "red", "attribute")
+    pool = [
+        item,
+        _asked("what colour is the circle?", "blue", "attribute", 1),
+        _asked("what colour is the star?", "green", "attribute", 2),
+        _asked("what colour is the disc?", "green", "attribute", 3),
+        _asked("what shape is the red thing?", "circle", "attribute", 4),
+        _asked("what colour is the sky?", "yellow", "existence", 5),
+    ]
+    assert wrong_answer(item, pool) == "green"
+    shape = _asked("what shape is the blue thing?", "square", "attribute")
+    assert wrong_answer(shape, pool) == "circle"
+    alone = _asked("is there a square?", "yes", "existence")
+    assert wrong_answer(alone, pool) == "yellow"  # no question alike: the family's
+    with pytest.raises(ValueError, match="no wrong answer"):
+        wrong_answer(_asked("how many?", "2", "count"), pool)
+
+
+def test_the_wrong_answer_drill_asks_again_with_a_wrong_answer_and_marks_every_candidate(tmp_path):
+    client = FakeClient()
+    original = client.generate
+    asked: list[str] = []
+
+    def generate(image, question, answer, **kwargs):
+        asked.append(answer)
+        reply = original(image, question, answer, **kwargs)
+        reply.held_out = False
+        return reply
+
+    client.generate = generate
+    simulator = Simulator(
+        client, critic="rouge_l", n=2, concurrency=1, mislabel="wrong-answer", log=lambda _: None
+    )
+    image = tmp_path / "red.png"
+    image.write_bytes(b"not decoded here")
+    square = _asked("what colour is the square?", "red", "attribute", image=image)
+    simulator.answer_pool = [square, _asked("what colour is the circle?", "blue", "attribute", 1)]
+    simulator.feedback_round([square], round_index=1)
+    assert asked == ["red", "blue"]  # the first generation is left unjudged
+    (judged,) = client.submitted
+    assert judged["generation_id"] == "g1" and judged["fitting"] == ["g1-c0", "g1-c1"]
+    assert judged["answer_correct"]
