@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from illume.evaluation.canary import CanaryConfig
-from illume.evaluation.gate import ANSWER_ACCURACY, PREFERENCE, GateConfig
+from illume.evaluation.gate import ANSWER_ACCURACY, PREFERENCE, CuratedSetConfig, GateConfig
 from illume.models.loading import ModelSettings
 from illume.selection import SelectionConfig
 from illume.store.settings import StoreSettings
@@ -207,6 +207,30 @@ def served_gate(**changes: object) -> GateConfig:
     )
 
 
+WORLD_GATE_SET = "world"
+WORLD_GATE_ITEMS = 200
+
+
+def world_gate_set(path: Path) -> CuratedSetConfig:
+    """The embedded model's curated gate set: ``WORLD_GATE_ITEMS`` questions of a world no round
+    trains on, with gold explanations, judged by the fact critic on both sides.
+
+    Why (docs/STUDY.md, "The gate drill"): on a dozen held-out generations the served gate promoted
+    rounds trained on wrong rationales that lost 6-9 points of per-question acceptance on 500 gold
+    items. Training on the model's own samples, wrong ones too, sharpens it, and that ranks the
+    held-out accepted texts above the rejected ones more often, so preference rose for them as for
+    a sound round. The curated set measures what the study decides on, per-question acceptance
+    (5 points), and answers (3 points: 6 of 200), on the same seeded samples on both sides."""
+    return CuratedSetConfig(
+        path=path,
+        metrics=("acceptance/fact", ANSWER_ACCURACY),
+        tolerance={"acceptance/fact": 5.0, ANSWER_ACCURACY: 3.0},
+        critics=("fact",),
+        limit=WORLD_GATE_ITEMS,
+        min_items=WORLD_GATE_ITEMS,
+    )
+
+
 class TuningSettings(_Settings):
     """Continual tuning: when rounds start, how they train, where they run."""
 
@@ -367,9 +391,12 @@ def _model_id(model_dir: Path) -> str:
     return model_dir.name
 
 
-def default_config(data_dir: Path, model_dir: Path, replay_data: Path | None = None) -> AppConfig:
+def default_config(
+    data_dir: Path, model_dir: Path, replay_data: Path | None = None, gate_world: Path | None = None
+) -> AppConfig:
     """The embedded default: the project's model, SQLite under ``data_dir``, local artifacts
-    (and ``replay_data`` as the tuning rounds' replay pool)."""
+    (and ``replay_data`` as the tuning rounds' replay pool, ``gate_world`` as the gate's curated
+    set, ``world_gate_set``)."""
     data_dir = Path(data_dir)
     # The study's minimal-feedback recipe (docs/STUDY.md, "The served default"): the highest
     # per-question acceptance at a server's feedback rate with answers within 2 points. A rate
@@ -399,6 +426,11 @@ def default_config(data_dir: Path, model_dir: Path, replay_data: Path | None = N
             replay_data=str(replay_data) if replay_data is not None else None,
             # No promotion without evidence: the first round waits until the held-out split holds
             # 10 usable items (a small model's laptop run; the fields' default is 20).
-            gate=served_gate(min_items=10, allow_empty=False, tokenize=False),
+            gate=served_gate(
+                min_items=10,
+                allow_empty=False,
+                tokenize=False,
+                curated={WORLD_GATE_SET: world_gate_set(gate_world)} if gate_world is not None else {},
+            ),
         ),
     )

@@ -54,6 +54,7 @@ from services.config import (
     DEFAULT_GRPC_MAX_MESSAGE_BYTES,
     ROUTE_PREFIX,
     SERVICER_FUNCTIONS,
+    WORLD_GATE_ITEMS,
     AppConfig,
     TuningSettings,
     default_config,
@@ -135,6 +136,20 @@ def default_replay_data(data_dir: Path) -> Path:
     return path
 
 
+# The embedded model's curated gate set: val questions of a world seed nothing else uses.
+GATE_WORLD_SEED = 13
+
+
+def default_gate_world(data_dir: Path) -> Path:
+    """The embedded default model's curated gate set (built under ``<data>/gate-world`` once)."""
+    from illume.world import build_world
+
+    path = data_dir / "gate-world" / "val.json"
+    if not path.is_file():
+        build_world(path.parent, {"train": 0, "val": WORLD_GATE_ITEMS, "test": 0}, seed=GATE_WORLD_SEED)
+    return path
+
+
 def local_config(data_dir: Path, model_dir: Path | None, config_file: Path | None) -> AppConfig:
     """The embedded default (or a YAML/JSON AppConfig file), with local keys wired in.
 
@@ -148,8 +163,10 @@ def local_config(data_dir: Path, model_dir: Path | None, config_file: Path | Non
     else:
         from illume.models.default import default_model_dir
 
-        replay = default_replay_data(data_dir) if model_dir is None else None
-        config = default_config(data_dir, model_dir or default_model_dir(data_dir), replay)
+        embedded = model_dir is None
+        replay = default_replay_data(data_dir) if embedded else None
+        gate_world = default_gate_world(data_dir) if embedded else None
+        config = default_config(data_dir, model_dir or default_model_dir(data_dir), replay, gate_world)
     if config.auth.enabled and not config.auth.keys and config.auth.keys_file is None:
         config = config.model_copy(
             update={"auth": config.auth.model_copy(update={"keys_file": ensure_local_keys(data_dir)})}
@@ -578,7 +595,9 @@ def add_app_arguments(parser: argparse.ArgumentParser, flags: list[Flag]) -> Non
         "--config", default=None, help="an AppConfig YAML file (the Serve application's args)"
     )
     # The defaults that apply without --config: the embedded model's (its replay pool included).
-    embedded = default_config(Path(".data"), Path("MODEL"), replay_data=Path("replay.json"))
+    embedded = default_config(
+        Path(".data"), Path("MODEL"), replay_data=Path("replay.json"), gate_world=Path("gate-world.json")
+    )
     bound = ConfigFlags(AppConfig, flags, embedded)
     bound.add_to(
         parser,

@@ -70,3 +70,19 @@ def test_the_embedded_model_trains_each_epoch_on_answer_rows_of_its_own(tmp_path
     embedded = local_config(tmp_path, None, None).tuning
     assert embedded.snapshot.replay_passes == embedded.train.epochs == 5
     assert local_config(tmp_path, tmp_path, None).tuning.snapshot.replay_passes == 1
+
+
+def test_the_embedded_model_is_gated_on_a_gold_world_no_round_trains_on(tmp_path):
+    from illume.data import load_vqax
+
+    gate = local_config(tmp_path, None, None).tuning.gate
+    world = gate.curated["world"]
+    assert world.metrics == ("acceptance/fact", "answer_accuracy") and world.critics == ("fact",)
+    assert [world.tolerance_for(m) for m in world.metrics] == [5.0, 3.0]
+    items = load_vqax(world.path)
+    assert len(items) == world.limit == world.min_items == 200
+    assert all(item.explanations and item.extra.get("scene") for item in items)
+    # Not the replay pool's world: its questions are images no round trains on.
+    replay = load_vqax(tmp_path / "replay" / "train.json")
+    assert not {i.image_path.read_bytes() for i in items[:20]} & {i.image_path.read_bytes() for i in replay}
+    assert local_config(tmp_path, tmp_path, None).tuning.gate.curated == {}
