@@ -44,6 +44,7 @@ from typing import Any
 from illume.adapters import PRODUCTION
 from illume.critics import FactCritic, critic_input, make_critic
 from illume.data import VQAXItem
+from illume.errors import InvalidRequest
 from illume.evaluation.metrics import answer_accuracy
 from illume.seeds import derived_seed
 
@@ -78,6 +79,14 @@ class RoundRow:
 
 def _image_bytes(item: VQAXItem) -> bytes:
     return Path(item.image_path).read_bytes()
+
+
+def check_drill(mislabel: str, select: str) -> None:
+    """Raise ``InvalidRequest`` (one line) for a drill that cannot run as asked."""
+    if mislabel not in MISLABEL:
+        raise InvalidRequest(f"mislabel is one of {sorted(MISLABEL)}, not {mislabel!r}")
+    if mislabel == "wrong-answer" and select:
+        raise InvalidRequest("the wrong-answer drill asks again for each item it judges: not with select")
 
 
 def wrong_answer(item: VQAXItem, pool: list[VQAXItem]) -> str:
@@ -118,10 +127,7 @@ class Simulator:
         sampling_seed: int | None = None,
         mislabel: str = "",
     ) -> None:
-        if mislabel not in MISLABEL:
-            raise ValueError(f"mislabel is one of {sorted(MISLABEL)}, not {mislabel!r}")
-        if mislabel == "wrong-answer" and select:
-            raise ValueError("the wrong-answer drill asks again for each item it judges: not with select")
+        check_drill(mislabel, select)
         self.client = client
         self.mislabel = mislabel
         self.sampling_seed = sampling_seed

@@ -17,8 +17,10 @@ from illume.cli.client import add_connection_flags, connect
 
 def run(args: argparse.Namespace) -> int:
     from illume.data import load_vqax
-    from illume.simulate import HEADER, Simulator
+    from illume.simulate import HEADER, Simulator, check_drill
     from illume.world import build_world
+
+    check_drill(args.mislabel_training or "", args.select or "")  # before a world is built
 
     world = Path(args.world) if args.world else Path(args.data_dir) / "world"
     if not (world / "train.json").is_file():

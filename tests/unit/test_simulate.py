@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from illume.data import VQAXItem
+from illume.errors import InvalidRequest
 from illume.simulate import Simulator, WaitingForEvidence, item_seed, wrong_answer
 
 GOLD = "the square is red because it is painted red"
@@ -182,9 +183,9 @@ def test_the_gate_drill_mislabels_what_the_server_trains_on_and_judges_held_out_
 
 
 def test_an_unknown_drill_is_refused():
-    with pytest.raises(ValueError, match="mislabel is one of"):
+    with pytest.raises(InvalidRequest, match="mislabel is one of"):
         Simulator(FakeClient(), mislabel="all")
-    with pytest.raises(ValueError, match="not with select"):
+    with pytest.raises(InvalidRequest, match="not with select"):
         Simulator(FakeClient(), mislabel="wrong-answer", select="active")
 
 
