@@ -126,28 +126,28 @@ REPLAY_WORLD_SEED = 7
 REPLAY_WORLD_ITEMS = 2000
 
 
-def default_replay_data(data_dir: Path) -> Path:
-    """The replay pool of the embedded default model (built under ``<data>/replay`` once)."""
-    from illume.world import build_world
-
-    path = data_dir / "replay" / "train.json"
-    if not path.is_file():
-        build_world(path.parent, {"train": REPLAY_WORLD_ITEMS, "val": 0, "test": 0}, seed=REPLAY_WORLD_SEED)
-    return path
-
-
 # The embedded model's curated gate set: val questions of a world seed nothing else uses.
 GATE_WORLD_SEED = 13
 
 
-def default_gate_world(data_dir: Path) -> Path:
-    """The embedded default model's curated gate set (built under ``<data>/gate-world`` once)."""
+def _world_split_once(directory: Path, split: str, items: int, seed: int) -> Path:
+    """``<directory>/<split>.json``: a world of ``seed`` holding only that split (built once)."""
     from illume.world import build_world
 
-    path = data_dir / "gate-world" / "val.json"
+    path = directory / f"{split}.json"
     if not path.is_file():
-        build_world(path.parent, {"train": 0, "val": WORLD_GATE_ITEMS, "test": 0}, seed=GATE_WORLD_SEED)
+        build_world(directory, {"train": 0, "val": 0, "test": 0, split: items}, seed=seed)
     return path
+
+
+def default_replay_data(data_dir: Path) -> Path:
+    """The replay pool of the embedded default model (built under ``<data>/replay`` once)."""
+    return _world_split_once(data_dir / "replay", "train", REPLAY_WORLD_ITEMS, REPLAY_WORLD_SEED)
+
+
+def default_gate_world(data_dir: Path) -> Path:
+    """The embedded default model's curated gate set (built under ``<data>/gate-world`` once)."""
+    return _world_split_once(data_dir / "gate-world", "val", WORLD_GATE_ITEMS, GATE_WORLD_SEED)
 
 
 def local_config(data_dir: Path, model_dir: Path | None, config_file: Path | None) -> AppConfig:
