@@ -208,7 +208,7 @@ def served_gate(**changes: object) -> GateConfig:
 
 
 WORLD_GATE_SET = "world"
-WORLD_GATE_ITEMS = 200
+WORLD_GATE_ITEMS = 500
 
 
 def world_gate_set(path: Path) -> CuratedSetConfig:
@@ -219,12 +219,19 @@ def world_gate_set(path: Path) -> CuratedSetConfig:
     rounds trained on wrong rationales that lost 6-9 points of per-question acceptance on 500 gold
     items. Training on the model's own samples, wrong ones too, sharpens it, and that ranks the
     held-out accepted texts above the rejected ones more often, so preference rose for them as for
-    a sound round. The curated set measures what the study decides on, per-question acceptance
-    (5 points), and answers (3 points: 6 of 200), on the same seeded samples on both sides."""
+    a sound round. The curated set measures what the study decides on, per-question acceptance,
+    and answers, on the same seeded samples on both sides.
+
+    Size and tolerances (docs/STUDY.md, "How much a gold set can tell"): between two sound adapters
+    the per-question delta on 500 items has a standard deviation of about 1.7 points (2.6 on 200)
+    and the answers delta about 1.1 (1.8). 3.5 points per question is two of those deviations: a
+    sound round is refused about once in forty by noise, and a round 6 points worse is refused
+    about nine times in ten (on 200 items at 5 points: the drill's 6-point round passed). Answers
+    keep 3 points, since sound rounds lose 1-2 against production."""
     return CuratedSetConfig(
         path=path,
         metrics=("acceptance/fact", ANSWER_ACCURACY),
-        tolerance={"acceptance/fact": 5.0, ANSWER_ACCURACY: 3.0},
+        tolerance={"acceptance/fact": 3.5, ANSWER_ACCURACY: 3.0},
         critics=("fact",),
         limit=WORLD_GATE_ITEMS,
         min_items=WORLD_GATE_ITEMS,

@@ -131,11 +131,13 @@ GATE_WORLD_SEED = 13
 
 
 def _world_split_once(directory: Path, split: str, items: int, seed: int) -> Path:
-    """``<directory>/<split>.json``: a world of ``seed`` holding only that split (built once)."""
+    """``<directory>/<split>.json``: a world of ``seed`` holding only that split (built once, and
+    again when the file holds another number of items: a data dir from a release with another
+    size; the world is a function of the seed, so nothing but the size changes)."""
     from illume.world import build_world
 
     path = directory / f"{split}.json"
-    if not path.is_file():
+    if not path.is_file() or len(json.loads(path.read_text())) != items:
         build_world(directory, {"train": 0, "val": 0, "test": 0, split: items}, seed=seed)
     return path
 

@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from illume.data.vqax import VQAXItem
 from illume.training.loop import LoopConfig, LoopRound, evaluate_with, val_summary, write_atomically
 from illume.training.round import TrainConfig
+from illume.training.snapshot import SnapshotConfig
 
 Family = Literal["base", "sft", "illume"]
 RECORD_VERSION = 1
@@ -67,6 +68,9 @@ def _study_loop() -> LoopConfig:
         eval_critics=("fact", "rouge_l"),
         eval_baseline=False,
         train=TrainConfig(learning_rate=1e-3, lr_schedule="linear", lora_r=16, lora_alpha=32),
+        # The paper's answer replay (questions with rationale rows give none): the grid's reference,
+        # recorded so; the step-3 setting "-replay-explained" turns it on.
+        snapshot=SnapshotConfig(replay_explained=False),
     )
 
 

@@ -12,10 +12,11 @@ Contract (``run_loop(model_dir, train_items, val_items, config, out_dir=...)``):
   ``JudgedItem`` and stays in the history (accumulation);
 - the snapshot is built from the whole history (``build_snapshot``); with ``replay_pool`` the pool's
   questions that were not judged (their answers are known) top the answer-only rows up to the
-  snapshot's ``replay_ratio``, as ILLUME's answer replay does; then an adapter is trained on it
-  (``train_round``; from the base model by default, from round k-1's adapter with
-  ``train.init_from="parent"``), loaded into the sampling model as ``round-k`` and evaluated on the
-  validation items (``evaluate_generator``);
+  snapshot's ``replay_ratio``, as ILLUME's answer replay does (by default a question with
+  rationale rows may give an answer row too: ``replay_explained``, the study's step-3 finding);
+  then an adapter is trained on it (``train_round``; from the base model by default, from round
+  k-1's adapter with ``train.init_from="parent"``), loaded into the sampling model as ``round-k``
+  and evaluated on the validation items (``evaluate_generator``);
 - a round whose snapshot has no rationale row trains nothing and keeps the previous adapter;
 - the answer-only rows are topped up from ``replay_from`` when it is given (a study's whole train
   split, so that training on every pool question still has answers to replay) instead of the pool;
@@ -86,7 +87,12 @@ class LoopConfig(BaseModel):
     eval_baseline: bool = Field(True, description="Evaluate the base model before round 0.")
     meteor: bool = Field(True, description="Compute METEOR (Java) in evaluations.")
     seed: int = Field(0, description="Seed of the pool draw, the sampling and the snapshots.")
-    snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
+    snapshot: SnapshotConfig = Field(
+        default_factory=lambda: SnapshotConfig(replay_explained=True),
+        description="Snapshot rules. Answer rows may come from questions with rationale rows too "
+        "(replay_explained): the study's step 3 found it the better paper-protocol setting "
+        "(docs/STUDY.md); SnapshotConfig's own default, which the served loop uses, keeps it off.",
+    )
     replay_pool: bool = Field(
         True,
         description="Top the answer-only rows up from the pool's unjudged questions (answers known).",

@@ -92,6 +92,29 @@ def test_the_loop_verb_passes_the_lora_projections_and_the_schedule_to_the_train
     assert seen[1].lora_projections == ("q_proj", "gate_proj", "down_proj")
 
 
+def test_the_loop_replays_answers_of_explained_questions_by_default_and_the_flag_turns_it_off(
+    tmp_path, monkeypatch
+):
+    # The study's step 3 (docs/STUDY.md) named answer replay from every answered question the
+    # better paper-protocol setting: the in-process loop's default, not the snapshot's own (the
+    # served loop's), and the study's reference runs keep the paper's.
+    from illume.cli import main
+    from illume.study.runs import StudyConfig, parse_run
+
+    seen = []
+
+    class Done:
+        seconds = 0.0
+
+    monkeypatch.setattr(loop_module, "run_loop", lambda *a, **k: seen.append(a[3].snapshot) or Done())
+    common = ["loop", "--pool", "4", "--val-limit", "2", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--out", str(tmp_path / "b"), "--no-replay-explained"]) == 0
+    assert [s.replay_explained for s in seen] == [True, False]
+    assert LoopConfig().snapshot.replay_explained and not SnapshotConfig().replay_explained
+    assert not parse_run("illume-paper-seed2").loop_config(StudyConfig()).snapshot.replay_explained
+
+
 def _barren_config(**update):
     # ROUGE-L of a random model's candidates never reaches 1.0: no round accepts anything.
     return LoopConfig(
