@@ -223,10 +223,10 @@ def world_gate_set(path: Path) -> CuratedSetConfig:
     and answers, on the same seeded samples on both sides.
 
     Size and tolerances (docs/STUDY.md, "How much a gold set can tell"): between two sound adapters
-    the per-question delta on 500 items has a standard deviation of about 1.7 points (2.6 on 200)
-    and the answers delta about 1.1 (1.8). 3.5 points per question is two of those deviations: a
-    sound round is refused about once in forty by noise, and a round 6 points worse is refused
-    about nine times in ten (on 200 items at 5 points: the drill's 6-point round passed). Answers
+    the per-question delta on 500 items has a standard deviation of 1.1-1.8 points (median 1.5; 2.4
+    on 200 items), the answers delta 0.6-1.2. 3.5 points per question is two deviations at the top
+    of that range: an equal candidate is refused about once in fifty by noise, a round 6 points
+    worse about nine times in ten (200 items at 5 points passed the drill's 6-point round). Answers
     keep 3 points, since sound rounds lose 1-2 against production."""
     return CuratedSetConfig(
         path=path,
