@@ -132,14 +132,23 @@ GATE_WORLD_SEED = 13
 
 def _world_split_once(directory: Path, split: str, items: int, seed: int) -> Path:
     """``<directory>/<split>.json``: a world of ``seed`` holding only that split (built once, and
-    again when the file holds another number of items: a data dir from a release with another
-    size; the world is a function of the seed, so nothing but the size changes)."""
+    again when the file holds another number of items -- a data dir from a release with another
+    size -- or cannot be read, as after a build that was cut short; the items are a function of
+    the seed and their index, so a rebuild changes nothing but the size)."""
     from illume.world import build_world
 
     path = directory / f"{split}.json"
-    if not path.is_file() or len(json.loads(path.read_text())) != items:
+    if _items_in(path) != items:
         build_world(directory, {"train": 0, "val": 0, "test": 0, split: items}, seed=seed)
     return path
+
+
+def _items_in(path: Path) -> int | None:
+    """How many items a world split file holds (None: absent or unreadable)."""
+    try:
+        return len(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 def default_replay_data(data_dir: Path) -> Path:
@@ -327,7 +336,7 @@ def ensure_port_free(port: int, name: str = "gRPC port") -> None:
     for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
         try:
             probe = socket.socket(family, socket.SOCK_STREAM)
-        except OSError:
+        except (OSError, ValueError):
             continue  # no IPv6 on this machine
         with probe:
             try:

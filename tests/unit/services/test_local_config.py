@@ -97,3 +97,8 @@ def test_a_gate_world_of_another_size_from_an_earlier_release_is_built_again(tmp
     build_world(tmp_path / "gate-world", {"train": 0, "val": 200, "test": 0}, seed=13)
     world = local_config(tmp_path, None, None).tuning.gate.curated["world"]
     assert len(load_vqax(world.path)) == world.min_items == 500
+    # A file cut short (a build interrupted) is built again too, the same 500 items.
+    first = world.path.read_bytes()
+    world.path.write_bytes(first[: len(first) // 2])
+    local_config(tmp_path, None, None)
+    assert world.path.read_bytes() == first
