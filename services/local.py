@@ -336,7 +336,7 @@ def ensure_port_free(port: int, name: str = "gRPC port") -> None:
     for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
         try:
             probe = socket.socket(family, socket.SOCK_STREAM)
-        except (OSError, ValueError):
+        except OSError:
             continue  # no IPv6 on this machine
         with probe:
             try:
